@@ -1,0 +1,3 @@
+"""relay: a self-hosted webhook relay gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,423 @@
+"""relay.toml, parsed once into frozen, typed objects.
+
+Every mistake is a ConfigError naming the file, the key and the reason. Values of the form
+``${NAME}`` (or ``${NAME:-default}``) are taken from the environment; secrets are wrapped in
+:class:`Secret` so that ``repr()`` and logs show ``**********``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from relay.errors import ConfigError
+
+if TYPE_CHECKING:
+    from relay.providers.base import Provider, Verifier
+
+REDACTED = "**********"
+DEFAULT_CONFIG = "relay.toml"
+
+_ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value that never shows itself in repr(), str() or logs."""
+
+    value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self.value
+
+    def fingerprint(self) -> str:
+        """A short, stable, non-reversible name for the secret (safe to store and show)."""
+        return hashlib.sha256(self.value.encode()).hexdigest()[:12]
+
+    def __repr__(self) -> str:
+        return f"Secret('{REDACTED}')"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+
+def parse_duration(text: str) -> float:
+    """'5s', '48h', '1h30m', '250ms', '7d' -> seconds. Raises ValueError."""
+    text = text.strip()
+    pos = 0
+    total = 0.0
+    for m in _DURATION_RE.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"{text!r} is not a duration (use e.g. '250ms', '5s', '10m', '48h', '7d')")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:g}s"
+    return f"{seconds * 1000:g}ms"
+
+
+def _line_of(text: str | None, key: str | None) -> int | None:
+    """Best effort: the line where a dotted key is set, for file:line messages."""
+    if not text or not key:
+        return None
+    parts = key.split(".")
+    lines = text.splitlines()
+    start = 0
+    if len(parts) > 1:
+        header = re.compile(
+            r"^\s*\[\[?\s*" + r"\s*\.\s*".join(re.escape(p) for p in parts[:-1]) + r"\s*\]\]?\s*(#.*)?$"
+        )
+        for i, line in enumerate(lines):
+            if header.match(line):
+                start = i
+                break
+        else:
+            return None
+    leaf = re.compile(r'^\s*"?' + re.escape(parts[-1]) + r'"?\s*=')
+    for i in range(start, len(lines)):
+        if i > start and lines[i].lstrip().startswith("[") and len(parts) > 1:
+            break
+        if leaf.match(lines[i]):
+            return i + 1
+    return start + 1 if len(parts) > 1 else None
+
+
+class ConfigTable:
+    """A typed reader over one TOML table: each getter names file and key in its errors.
+
+    Call :meth:`finish` once every key was read, to refuse the ones nobody knows.
+    """
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        file: Path,
+        prefix: str = "",
+        text: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ):
+        self.data = dict(data)
+        self.file = file
+        self.prefix = prefix
+        self.text = text
+        self.env = os.environ if env is None else env
+        self._seen: set[str] = set()
+
+    @property
+    def base_dir(self) -> Path:
+        return self.file.parent
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str | None, reason: str) -> NoReturn:
+        key = self.key(name) if name else (self.prefix or None)
+        raise ConfigError(self.file, key, reason, line=_line_of(self.text, key))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.data
+
+    def _raw(self, name: str, default: Any, required: bool) -> Any:
+        self._seen.add(name)
+        if name not in self.data:
+            if required:
+                self.fail(name, "is required")
+            return default
+        return self._expand(name, self.data[name])
+
+    def _expand(self, name: str, value: Any) -> Any:
+        if isinstance(value, str):
+
+            def sub(m: re.Match[str]) -> str:
+                var, default = m.group(1), m.group(2)
+                if var in self.env:
+                    return self.env[var]
+                if default is not None:
+                    return default
+                self.fail(name, f"environment variable {var} is not set")
+
+            return _ENV_RE.sub(sub, value)
+        if isinstance(value, list):
+            return [self._expand(name, v) for v in value]
+        return value
+
+    def _typed(self, name: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            self.fail(name, f"must be {what}, not a boolean")
+        if not isinstance(value, kind):
+            self.fail(name, f"must be {what}, not {_type_name(value)}")
+        return value
+
+    def string(self, name: str, default: Any = ..., *, choices: tuple[str, ...] | None = None) -> Any:
+        value = self._raw(name, default, default is ...)
+        if value is default and name not in self.data:
+            return value
+        value = self._typed(name, value, str, "a string")
+        if choices is not None and value not in choices:
+            self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
+        return value
+
+    def integer(self, name: str, default: Any = ..., *, min: int | None = None, max: int | None = None) -> Any:
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)  # from an environment variable
+        value = self._typed(name, value, int, "an integer")
+        if min is not None and value < min or max is not None and value > max:
+            lo = "" if min is None else f"{min}"
+            hi = "" if max is None else f"{max}"
+            self.fail(name, f"must be between {lo} and {hi}, not {value}" if lo and hi
+                      else f"must be {'>= ' + lo if lo else '<= ' + hi}, not {value}")
+        return value
+
+    def boolean(self, name: str, default: Any = ...) -> Any:
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return self._typed(name, value, bool, "true or false")
+
+    def duration(self, name: str, default: Any = ..., *, positive: bool = True) -> Any:
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return parse_duration(value) if isinstance(value, str) else value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            seconds = float(value)
+        else:
+            value = self._typed(name, value, str, "a duration such as \"5s\" or \"48h\"")
+            try:
+                seconds = parse_duration(value)
+            except ValueError as e:
+                self.fail(name, str(e))
+        if seconds < 0 or (positive and seconds == 0):
+            self.fail(name, "must be a positive duration")
+        return seconds
+
+    def secret(self, name: str, default: Any = ...) -> Any:
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return value
+        value = self._typed(name, value, str, "a string")
+        if not value:
+            self.fail(name, "is empty")
+        return Secret(value)
+
+    def secrets(self, name: str, default: Any = ...) -> Any:
+        """One secret or a list of them (for rotation)."""
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return value
+        if isinstance(value, str):
+            value = [value]
+        self._typed(name, value, list, "a string or a list of strings")
+        if not value:
+            self.fail(name, "must name at least one secret")
+        for v in value:
+            if not isinstance(v, str):
+                self.fail(name, f"must be a list of strings, not a list holding {_type_name(v)}")
+            if not v:
+                self.fail(name, "holds an empty secret")
+        return tuple(Secret(v) for v in value)
+
+    def strings(self, name: str, default: Any = ...) -> Any:
+        value = self._raw(name, default, default is ...)
+        if name not in self.data:
+            return value
+        if isinstance(value, str):
+            return (value,)
+        self._typed(name, value, list, "a list of strings")
+        for v in value:
+            if not isinstance(v, str):
+                self.fail(name, "must be a list of strings")
+        return tuple(value)
+
+    def path(self, name: str, default: Any = ...) -> Any:
+        value = self._raw(name, default, default is ...)
+        if value is None:
+            return None
+        value = self._typed(name, value, str, "a path")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def table(self, name: str, required: bool = False) -> ConfigTable:
+        value = self._raw(name, {}, required)
+        if not isinstance(value, dict):
+            self.fail(name, f"must be a table, not {_type_name(value)}")
+        return ConfigTable(value, self.file, self.key(name), self.text, self.env)
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self._seen)
+        if unknown:
+            self.fail(unknown[0], "unknown key")
+
+
+def _type_name(value: Any) -> str:
+    return {
+        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+        list: "a list", dict: "a table",
+    }.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    database: Path
+    max_body_bytes: int = 1_048_576
+    dedupe_window: float = 48 * 3600
+    retention: float = 7 * 86400
+    shutdown_grace: float = 10.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class TrackSettings:
+    base_url: str
+    api_key: Secret
+    website_id: int
+    batch_size: int = 25
+    flush_interval: float = 5.0
+    requests_per_minute: int = 60
+    timeout: float = 10.0
+    max_event_age: float = 72 * 3600
+    max_backoff: float = 300.0
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a source's events go: one queue per (API key, website)."""
+
+    base_url: str
+    api_key: Secret
+    website_id: int
+
+    @property
+    def key_id(self) -> str:
+        return self.api_key.fingerprint()
+
+    @property
+    def name(self) -> str:
+        return f"{self.key_id}/{self.website_id}"
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    provider: Provider
+    verifier: Verifier | None  # None only with an explicit `verify = false`
+    mapping: Path
+    destination: Destination
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    relay: RelaySettings
+    track: TrackSettings
+    sources: Mapping[str, Source]
+
+    @property
+    def destinations(self) -> list[Destination]:
+        seen: dict[str, Destination] = {}
+        for s in self.sources.values():
+            seen.setdefault(s.destination.name, s.destination)
+        return list(seen.values())
+
+
+def config_path(path: str | Path | None) -> Path:
+    return Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate relay.toml. Raises ConfigError."""
+    file = config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(file, None, "file not found (pass --config or set RELAY_CONFIG)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(file, None, f"cannot read: {e}") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(file, None, f"invalid TOML: {e}") from None
+    return parse_config(doc, file.resolve(), text, env)
+
+
+def parse_config(
+    doc: Mapping[str, Any], file: Path, text: str | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    from relay.providers import build_source_parts
+
+    root = ConfigTable(doc, file, "", text, env)
+
+    r = root.table("relay")
+    relay = RelaySettings(
+        database=r.path("database", "relay.db"),
+        max_body_bytes=r.integer("max_body_bytes", 1_048_576, min=1024),
+        dedupe_window=r.duration("dedupe_window", "48h"),
+        retention=r.duration("retention", "7d"),
+        shutdown_grace=r.duration("shutdown_grace", "10s"),
+        host=r.string("host", "127.0.0.1"),
+        port=r.integer("port", 8000, min=1, max=65535),
+    )
+    r.finish()
+    if relay.retention < relay.dedupe_window:
+        r.fail("retention", "must be at least dedupe_window, or retried events could be counted twice")
+
+    t = root.table("track", required=True)
+    base_url = t.string("base_url").rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        t.fail("base_url", f"must be an http:// or https:// URL, not {base_url!r}")
+    track = TrackSettings(
+        base_url=base_url,
+        api_key=t.secret("api_key"),
+        website_id=t.integer("website_id", min=1),
+        batch_size=t.integer("batch_size", 25, min=1, max=25),
+        flush_interval=t.duration("flush_interval", "5s"),
+        requests_per_minute=t.integer("requests_per_minute", 60, min=1),
+        timeout=t.duration("timeout", "10s"),
+        max_event_age=t.duration("max_event_age", "72h"),
+        max_backoff=t.duration("max_backoff", "5m"),
+    )
+    t.finish()
+
+    s = root.table("sources")
+    sources: dict[str, Source] = {}
+    for name in list(s.data):
+        table = s.table(name)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            s.fail(name, "a source name may hold only letters, digits, '-' and '_' (it is part of the URL)")
+        provider_name = table.string("provider")
+        provider, verifier = build_source_parts(provider_name, table)
+        mapping = table.path("mapping", f"mappings/{provider_name}.toml")
+        if not mapping.is_file():
+            table.fail("mapping", f"mapping file {mapping} not found")
+        destination = Destination(
+            base_url=track.base_url,
+            api_key=table.secret("api_key", track.api_key),
+            website_id=table.integer("website_id", track.website_id, min=1),
+        )
+        table.finish()
+        sources[name] = Source(name, provider, verifier, mapping, destination)
+    s.finish()
+    root.finish()
+    return Config(path=file, relay=relay, track=track, sources=sources)

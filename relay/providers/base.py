@@ -1,0 +1,107 @@
+"""The provider interface: what every webhook sender implements.
+
+A provider knows one sender's scheme: it verifies the raw bytes and headers, splits the body
+into events, and gives each event a dedupe key and a type. It can also make a realistic signed
+sample, for ``relay send-test``. Adding a provider is one module and one registry line in
+``relay/providers/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from relay.config import ConfigTable
+from relay.errors import InvalidBody
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """One received webhook, before anything decoded it."""
+
+    method: str
+    url: str  # as the relay received it: scheme://host[:port]/path[?query]
+    headers: Mapping[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes
+    received_at: float  # unix seconds
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    @property
+    def content_type(self) -> str:
+        return (self.header("content-type") or "").split(";")[0].strip().lower()
+
+
+@dataclass(frozen=True)
+class ProviderEvent:
+    """One provider event out of a webhook."""
+
+    key: str  # the dedupe key, unique per source inside the dedupe window
+    type: str  # what mapping rules match `on` against
+    data: Mapping[str, Any]  # what templates see at top level (and as `event`)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A realistic webhook for send-test: body, content type and signed headers."""
+
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Verifier(Protocol):
+    def verify(self, request: WebhookRequest) -> None:
+        """Raise InvalidSignature(reason) unless the request is authentic and fresh."""
+
+
+class Provider(ABC):
+    kind: ClassVar[str]
+    sample_types: ClassVar[tuple[str, ...]] = ()  # event types send-test knows, default first
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, table: ConfigTable, signed: bool = True) -> Provider:
+        """Read this provider's own keys of a [sources.NAME] table.
+
+        With ``signed`` false the source is verified otherwise (Basic auth, a token, or not at
+        all), so the provider's signing keys are optional; ``verify`` is then never called.
+        """
+
+    @abstractmethod
+    def verify(self, request: WebhookRequest) -> None:
+        """Raise InvalidSignature(reason) unless the request is authentic and fresh."""
+
+    @abstractmethod
+    def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
+        """Split a verified body into events. Raise InvalidBody(reason)."""
+
+    def sample(self, event_type: str | None, url: str, now: float) -> Sample:
+        """A realistic signed webhook of that type (send-test)."""
+        raise NotImplementedError(f"{self.kind} cannot make samples")
+
+
+def json_body(request: WebhookRequest) -> Any:
+    """The body as JSON, or InvalidBody."""
+    try:
+        return json.loads(request.body)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise InvalidBody(f"body is not JSON: {e}") from None
+
+
+def check_age(timestamp: str | None, now: float, tolerance: float, *, scale: float = 1.0) -> float:
+    """Parse a timestamp header and refuse it when outside the tolerance. Returns seconds."""
+    from relay.errors import InvalidSignature
+
+    if not timestamp:
+        raise InvalidSignature("missing timestamp")
+    try:
+        ts = float(timestamp) / scale
+    except ValueError:
+        raise InvalidSignature("malformed timestamp") from None
+    if ts != ts or abs(now - ts) > tolerance:  # NaN, too old or too far ahead
+        raise InvalidSignature("timestamp outside the tolerance")
+    return ts
