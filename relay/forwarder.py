@@ -1,0 +1,489 @@
+"""Forwarding: drain the outbox into the track API in batches, within each key's rate limit.
+
+One worker per destination (API key, website), so a paused or failing destination never
+delays another. A worker sends when its queue holds a full batch or its oldest event has
+waited `flush_interval`; it marks the batch in flight before sending and done after the
+answer, so a crash re-sends at most the batches that were in flight.
+
+How each answer of the track API is handled:
+
+    200            delivered; the returned event ids are kept
+    400            split the batch in halves until the refused events are alone; dead-letter those
+    401, 402, 403  pause every destination of that API key; probe again with backoff
+    404            pause this destination; probe again with backoff
+    429            wait Retry-After (never less), then send the same batch
+    5xx, timeout,  back off exponentially with full jitter, capped; then send the same batch
+    broken answer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from relay import store as ops
+from relay.config import Config, Destination, TrackSettings
+from relay.metrics import Metrics
+from relay.ratelimit import SlidingWindowLimiter
+from relay.store import Row, Store
+
+log = logging.getLogger("relay.forwarder")
+
+PAUSE_FIRST_PROBE = 5.0
+BACKOFF_BASE = 0.5
+IDLE_RECHECK = 1.0  # rows may also arrive from another process (dead-letter replay)
+
+
+@dataclass
+class Delivered:
+    event_ids: list[int | None]
+
+
+@dataclass
+class Invalid:
+    answer: str
+
+
+@dataclass
+class Pause:
+    status: int
+    reason: str
+    whole_key: bool
+
+
+@dataclass
+class RateLimited:
+    retry_after: float
+
+
+@dataclass
+class Retry:
+    reason: str
+
+
+Outcome = Delivered | Invalid | Pause | RateLimited | Retry
+
+
+class Gate:
+    """A pause: while `reason` is set nothing goes, except one probe when `until` has passed."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.reason: str | None = None
+        self.until = 0.0
+        self.backoff = PAUSE_FIRST_PROBE
+        self.probing = False
+
+    def delay(self, now: float) -> float:
+        if self.reason is None:
+            return 0.0
+        if self.probing:
+            return 0.5
+        return max(0.0, self.until - now)
+
+
+class KeyState:
+    def __init__(self, key_id: str, limit: int, clock: Callable[[], float]):
+        self.key_id = key_id
+        self.limiter = SlidingWindowLimiter(limit, clock=clock)
+        self.gate = Gate(key_id)
+
+
+def classify(response: httpx.Response) -> Outcome:
+    status = response.status_code
+    text = response.text[:500]
+    if status == 200:
+        try:
+            data = response.json()
+        except ValueError:
+            return Retry("malformed answer: 200 without JSON")
+        if not isinstance(data, dict) or data.get("ok") is not True:
+            return Retry("malformed answer: 200 without ok")
+        ids = data.get("event_ids")
+        if not isinstance(ids, list):
+            ids = []
+        return Delivered([i if isinstance(i, int) else None for i in ids])
+    if status == 400:
+        return Invalid(text)
+    if status in (401, 402, 403):
+        return Pause(status, f"HTTP {status} {_error_code(response)}", whole_key=True)
+    if status == 404:
+        return Pause(status, f"HTTP 404 {_error_code(response)}", whole_key=False)
+    if status == 429:
+        return RateLimited(_retry_after(response))
+    return Retry(f"HTTP {status} {_error_code(response)}".strip())
+
+
+def _error_code(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return ""
+    code = data.get("error") if isinstance(data, dict) else None
+    return code if isinstance(code, str) else ""
+
+
+def _retry_after(response: httpx.Response) -> float:
+    candidates: list[float] = []
+    header = response.headers.get("retry-after")
+    if header:
+        try:
+            candidates.append(float(header))
+        except ValueError:
+            pass
+    try:
+        data = response.json()
+        if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
+            candidates.append(float(data["retry_after"]))
+    except ValueError:
+        pass
+    # Never less than the API asked; with no usable answer, one whole window.
+    return max(candidates) if candidates else 60.0
+
+
+class Worker:
+    """Drains one destination's queue."""
+
+    def __init__(self, forwarder: Forwarder, destination: Destination, key: KeyState):
+        self.f = forwarder
+        self.dest = destination
+        self.key = key
+        self.gate = Gate(destination.name)
+        self.wake = asyncio.Event()
+        self.failures = 0
+        self.task: asyncio.Task[None] | None = None
+        self.in_flight: list[Row] = []
+        self.batch_id: int | None = None
+        self.url = f"{destination.base_url}/websites/{destination.website_id}/track/batch"
+        self.headers = {
+            "authorization": f"Bearer {destination.api_key.reveal()}",
+            "content-type": "application/json",
+        }
+
+    @property
+    def name(self) -> str:
+        return self.dest.name
+
+    async def run(self) -> None:
+        f = self.f
+        while not f.stopping:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug or a store fault must not kill the worker for good
+                log.exception("forwarder %s: unexpected error; retrying in 5 s", self.name)
+                await self._sleep(5.0)
+
+    async def _step(self) -> None:
+        f = self.f
+        settings = f.settings
+        delay = max(self.key.gate.delay(f.clock()), self.gate.delay(f.clock()))
+        if delay > 0:
+            await self._sleep(delay)
+            return
+        count, oldest = await f.store.writer.run(
+            lambda c: ops.queue_head(c, self.name, settings.batch_size)
+        )
+        if count == 0:
+            await self._sleep(IDLE_RECHECK)
+            return
+        if count < settings.batch_size and oldest is not None:
+            due = oldest + settings.flush_interval - f.wall()
+            if due > 0:
+                await self._sleep(min(due, IDLE_RECHECK))
+                return
+        limiter = self.key.limiter
+        if limiter.delay() > 0:
+            f.metrics.rate_limit_waits.labels(self.name).inc()
+            await limiter.ready()  # the batch may fill up while we wait
+        probe = self.key.gate.reason is not None or self.gate.reason is not None
+        if probe:
+            for gate in (self.key.gate, self.gate):
+                if gate.reason is not None:
+                    gate.probing = True
+        try:
+            batch_id, rows = await f.store.writer.run(
+                lambda c: ops.claim(c, self.name, settings.batch_size)
+            )
+            if rows:
+                self.in_flight, self.batch_id = rows, batch_id
+                await self._deliver(rows)
+        finally:
+            self.key.gate.probing = False
+            self.gate.probing = False
+            if self.in_flight:  # stopped or paused mid-way: hand the rest back to the queue
+                rows, self.in_flight = self.in_flight, []
+                ids = [r.id for r in rows]
+                await f.store.writer.run(lambda c: ops.release(c, ids, None))
+
+    async def _sleep(self, seconds: float) -> None:
+        self.wake.clear()
+        try:
+            await asyncio.wait_for(self.wake.wait(), seconds)
+        except TimeoutError:
+            pass
+
+    async def _deliver(self, rows: list[Row]) -> None:
+        """Send rows until they are delivered, dead-lettered or handed back."""
+        f = self.f
+        while rows and not f.stopping:
+            outcome = await self._send(rows)
+            ids = [r.id for r in rows]
+            if isinstance(outcome, Delivered):
+                track_ids = list(outcome.event_ids[: len(rows)])
+                track_ids += [None] * (len(rows) - len(track_ids))
+                now = f.wall()
+                await f.store.writer.run(lambda c: ops.delivered(c, ids, track_ids, self.name, now))
+                self._done(rows)
+                f.metrics.forwarded.labels(self.name).inc(len(rows))
+                self.failures = 0
+                self._resume()
+                log.info("batch %s: %d events delivered", self.name, len(rows))
+                return
+            if isinstance(outcome, Invalid):
+                self._resume()
+                if len(rows) == 1:
+                    reason = f"validation_error: {outcome.answer}"
+                    await self._dead_letter(rows, reason)
+                    return
+                mid = len(rows) // 2
+                log.warning("batch %s: 400 for %d events; splitting to find the refused ones",
+                            self.name, len(rows))
+                await self._deliver(rows[:mid])
+                await self._deliver(rows[mid:])
+                return
+            if isinstance(outcome, RateLimited):
+                log.warning("batch %s: 429 from the track API; waiting %.0f s", self.name,
+                            outcome.retry_after)
+                self.key.limiter.block(outcome.retry_after)
+                await self.key.limiter.ready()
+                continue
+            if isinstance(outcome, Pause):
+                await self._pause(outcome, ids)
+                return
+            # Retry: 5xx, timeout, connection error, broken answer.
+            self.failures += 1
+            now = f.wall()
+            await f.store.writer.run(lambda c: ops.attempted(c, ids, outcome.reason))
+            await f.store.writer.run(lambda c: ops.set_error(c, self.name, outcome.reason, now))
+            expired = [r for r in rows if r.created_at < now - f.settings.max_event_age]
+            if expired:
+                await self._dead_letter(expired, f"not delivered within max_event_age; last error: {outcome.reason}")
+                rows = [r for r in rows if r not in expired]
+            delay = random.uniform(0, min(f.settings.max_backoff, BACKOFF_BASE * 2 ** min(self.failures, 20)))
+            log.warning("batch %s: %s; retry %d in %.1f s", self.name, outcome.reason,
+                        self.failures, delay)
+            await self._sleep_unless_stopping(delay)
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        deadline = self.f.clock() + seconds
+        while not self.f.stopping and (left := deadline - self.f.clock()) > 0:
+            await self._sleep(left)
+
+    def _done(self, rows: list[Row]) -> None:
+        gone = {r.id for r in rows}
+        self.in_flight = [r for r in self.in_flight if r.id not in gone]
+
+    async def _dead_letter(self, rows: list[Row], reason: str) -> None:
+        ids = [r.id for r in rows]
+        now = self.f.wall()
+        await self.f.store.writer.run(lambda c: ops.dead_letter(c, ids, reason, now))
+        self._done(rows)
+        self.f.metrics.dead_letters.labels(self.name).inc(len(rows))
+        log.error("batch %s: %d events dead-lettered: %s", self.name, len(rows), reason[:300])
+
+    async def _send(self, rows: list[Row]) -> Outcome:
+        f = self.f
+        body = '{"events":[' + ",".join(r.body for r in rows) + "]}"
+        limiter = self.key.limiter
+        await limiter.acquire()
+        sent = True
+        started = f.clock()
+        status = "error"
+        try:
+            response = await f.client.post(
+                self.url, content=body.encode(), headers=self.headers, timeout=f.settings.timeout
+            )
+            status = str(response.status_code)
+            return classify(response)
+        except httpx.TimeoutException:
+            status = "timeout"
+            return Retry("timeout")
+        except httpx.ConnectError as e:
+            sent = False
+            status = "connect_error"
+            return Retry(f"connection error: {type(e).__name__}")
+        except httpx.HTTPError as e:
+            return Retry(f"transport error: {type(e).__name__}")
+        finally:
+            limiter.release(sent)
+            f.metrics.latency.labels(self.name).observe(f.clock() - started)
+            f.metrics.batches.labels(self.name, status).inc()
+
+    async def _pause(self, outcome: Pause, ids: list[int]) -> None:
+        f = self.f
+        gate = self.key.gate if outcome.whole_key else self.gate
+        first = gate.reason is None
+        gate.reason = outcome.reason
+        gate.until = f.clock() + gate.backoff
+        wait = gate.backoff
+        gate.backoff = min(f.settings.max_backoff, gate.backoff * 2)
+        names = f.destinations_of_key(self.key.key_id) if outcome.whole_key else [self.name]
+        now = f.wall()
+        await f.store.writer.run(lambda c: ops.release(c, ids, outcome.reason))
+        self.in_flight = []
+        await f.store.writer.run(lambda c: ops.set_paused(c, names, outcome.reason, now))
+        await f.store.writer.run(lambda c: ops.set_error(c, self.name, outcome.reason, now))
+        for name in names:
+            f.metrics.paused.labels(name).set(1)
+        scope = f"every destination of API key {self.key.key_id}" if outcome.whole_key else self.name
+        if first:
+            log.error("PAUSED %s: the track API answered %s; events are kept; probing again in %.0f s",
+                      scope, outcome.reason, wait)
+        else:
+            log.error("still PAUSED %s (%s); next probe in %.0f s", scope, outcome.reason, wait)
+
+    def _resume(self) -> None:
+        f = self.f
+        for gate, names in ((self.key.gate, f.destinations_of_key(self.key.key_id)),
+                            (self.gate, [self.name])):
+            if gate.reason is not None:
+                log.warning("RESUMED %s: the track API accepts again (was: %s)", gate.name, gate.reason)
+                gate.reason = None
+                gate.backoff = PAUSE_FIRST_PROBE
+                for name in names:
+                    f.metrics.paused.labels(name).set(0)
+                f.spawn(f.store.writer.run(lambda c, n=names: ops.set_paused(c, n, None, f.wall())))
+                for name in names:
+                    f.workers[name].wake.set()
+
+
+class Forwarder:
+    def __init__(
+        self,
+        store: Store,
+        config: Config,
+        client: httpx.AsyncClient,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        housekeeping_interval: float = 30.0,
+    ):
+        self.store = store
+        self.config = config
+        self.settings: TrackSettings = config.track
+        self.client = client
+        self.metrics = metrics
+        self.clock = clock
+        self.wall = wall
+        self.housekeeping_interval = housekeeping_interval
+        self.stopping = False
+        self.keys: dict[str, KeyState] = {}
+        self.workers: dict[str, Worker] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._housekeeper: asyncio.Task[None] | None = None
+        for dest in config.destinations:
+            key = self.keys.get(dest.key_id)
+            if key is None:
+                key = self.keys[dest.key_id] = KeyState(
+                    dest.key_id, self.settings.requests_per_minute, clock
+                )
+            self.workers[dest.name] = Worker(self, dest, key)
+
+    def destinations_of_key(self, key_id: str) -> list[str]:
+        return [w.name for w in self.workers.values() if w.key.key_id == key_id]
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self) -> None:
+        reset = await self.store.writer.run(ops.reset_in_flight)
+        if reset:
+            log.warning("re-sending %d events that were in flight when the relay stopped", reset)
+        for w in self.workers.values():
+            await self.store.writer.run(
+                lambda c, w=w: ops.register_destination(c, w.name, w.key.key_id, w.dest.website_id)
+            )
+            await self.store.writer.run(lambda c, w=w: ops.set_paused(c, [w.name], None, self.wall()))
+            w.task = asyncio.create_task(w.run(), name=f"forward {w.name}")
+        self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
+
+    @property
+    def running(self) -> bool:
+        tasks = [w.task for w in self.workers.values()]
+        return not self.stopping and all(t is not None and not t.done() for t in tasks)
+
+    def notify(self, destination: str) -> None:
+        worker = self.workers.get(destination)
+        if worker is not None:
+            worker.wake.set()
+
+    def paused(self) -> dict[str, str]:
+        """Paused destinations and why."""
+        out: dict[str, str] = {}
+        for w in self.workers.values():
+            reason = w.gate.reason or w.key.gate.reason
+            if reason:
+                out[w.name] = reason
+        return out
+
+    async def stop(self, grace: float) -> None:
+        """Finish or hand back in-flight sends within `grace` seconds."""
+        self.stopping = True
+        for w in self.workers.values():
+            w.wake.set()
+        tasks = [w.task for w in self.workers.values() if w.task is not None]
+        if self._housekeeper is not None:
+            self._housekeeper.cancel()
+            tasks.append(self._housekeeper)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for w in self.workers.values():
+            if w.in_flight:
+                ids = [r.id for r in w.in_flight]
+                w.in_flight = []
+                await self.store.writer.run(lambda c, ids=ids: ops.release(c, ids, None))
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def _housekeeping(self) -> None:
+        cfg = self.config.relay
+        while not self.stopping:
+            try:
+                now = self.wall()
+                cutoff = now - self.settings.max_event_age
+                expired = await self.store.writer.run(lambda c: ops.expire(c, cutoff, now))
+                for name in expired:
+                    self.metrics.dead_letters.labels(name).inc()
+                if expired:
+                    log.error("%d events dead-lettered: not delivered within max_event_age",
+                              len(expired))
+                # Retention in small steps, each its own short transaction, so ingestion
+                # never waits long behind it.
+                while not self.stopping:
+                    removed = await self.store.writer.run(
+                        lambda c: ops.prune(c, self.wall(), cfg.dedupe_window, cfg.retention)
+                    )
+                    if removed == 0:
+                        break
+                    await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("housekeeping failed; trying again later")
+            await asyncio.sleep(self.housekeeping_interval)
+

@@ -1,0 +1,138 @@
+"""Receiving one webhook: verify, split, map, then dedupe and store in one group commit.
+
+The web layer calls :meth:`Pipeline.handle`; it raises a WebhookError for anything the sender
+got wrong, and Unavailable when the store cannot keep the webhook (so the sender retries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass
+from pathlib import Path
+
+from relay import store as ops
+from relay.config import Config, Source
+from relay.errors import ConfigError, InvalidBody, StoreError, Unavailable, UnknownSource
+from relay.mapping import Mapping, MapResult, load_mapping
+from relay.metrics import Metrics
+from relay.providers.base import ProviderEvent, WebhookRequest
+from relay.providers.shared import SharedToken
+from relay.store import IncomingEvent, IngestResult, Output, Store
+
+log = logging.getLogger("relay.webhook")
+
+# Headers that carry credentials: never stored, never shown to templates.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def load_mappings(config: Config) -> dict[str, Mapping]:
+    """Every source's mapping, each file loaded once. Raises ConfigError."""
+    by_file: dict[Path, Mapping] = {}
+    out: dict[str, Mapping] = {}
+    for name, source in config.sources.items():
+        path = source.mapping
+        if path not in by_file:
+            by_file[path] = load_mapping(path)
+        out[name] = by_file[path]
+    return out
+
+
+def safe_headers(source: Source, headers: MappingABC[str, str]) -> dict[str, str]:
+    hidden = set(_CREDENTIAL_HEADERS)
+    if isinstance(source.verifier, SharedToken) and source.verifier.header:
+        hidden.add(source.verifier.header)
+    return {k: v for k, v in headers.items() if k not in hidden}
+
+
+def outputs_of(source: Source, result: MapResult) -> tuple[str, list[Output], int]:
+    """The outbox rows of one mapped event, its outcome, and how many were fitted."""
+    dest = source.destination.name
+    outs = [
+        Output(dest, m.rule, json.dumps(m.event.to_json(), separators=(",", ":"), ensure_ascii=False))
+        for m in result.outputs
+    ]
+    outs += [Output(dest, f.rule, None, f"mapping failed: {f.reason}") for f in result.failures]
+    if result.outputs:
+        outcome = "mapped"
+    elif result.failures:
+        outcome = "failed"
+    else:
+        outcome = "ignored"
+    fitted = sum(1 for m in result.outputs if m.notes)
+    return outcome, outs, fitted
+
+
+@dataclass(frozen=True)
+class Handled:
+    result: IngestResult
+    events: int
+
+
+class Pipeline:
+    def __init__(self, config: Config, store: Store, metrics: Metrics):
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.mappings = load_mappings(config)
+
+    def reload_mappings(self) -> bool:
+        """Load every mapping again; keep the old ones if any is broken."""
+        try:
+            fresh = load_mappings(self.config)
+        except ConfigError as e:
+            log.error("mapping reload refused, keeping the mappings in use: %s", e.message)
+            return False
+        self.mappings = fresh
+        log.info("mappings reloaded: %s", ", ".join(sorted({str(m.path) for m in fresh.values()})))
+        return True
+
+    def source(self, name: str) -> Source:
+        source = self.config.sources.get(name)
+        if source is None:
+            raise UnknownSource(f"no source named {name!r}")
+        return source
+
+    def map_events(self, source: Source, events: list[ProviderEvent],
+                   headers: dict[str, str]) -> list[IncomingEvent]:
+        mapping = self.mappings[source.name]
+        incoming = []
+        for ev in events:
+            result = mapping.apply(ev, source.name, headers)
+            outcome, outs, fitted = outputs_of(source, result)
+            if fitted:
+                self.metrics.fitted.labels(source.name).inc(fitted)
+                for m in result.outputs:
+                    if m.notes:
+                        log.warning("source %s event %s: %s fitted to the track API: %s",
+                                    source.name, ev.key, mapping.rule_label(m.rule), "; ".join(m.notes))
+            for f in result.failures:
+                log.error("source %s event %s: %s failed: %s", source.name, ev.key,
+                          mapping.rule_label(f.rule), f.reason)
+            incoming.append(IncomingEvent(ev.key, ev.type, outcome, outs))
+        return incoming
+
+    async def handle(self, source: Source, request: WebhookRequest) -> Handled:
+        if source.verifier is not None:
+            source.verifier.verify(request)
+        events = source.provider.parse(request)
+        headers = safe_headers(source, request.headers)
+        incoming = self.map_events(source, events, headers)
+        try:
+            headers_json = json.dumps(headers, ensure_ascii=False)
+        except (TypeError, ValueError):
+            raise InvalidBody("headers cannot be stored") from None
+        window = self.config.relay.dedupe_window
+        try:
+            result = await self.store.writer.run(
+                lambda c: ops.ingest(c, source.name, request.received_at, request.content_type,
+                                     headers_json, request.body, incoming, window)
+            )
+        except StoreError as e:
+            raise Unavailable(str(e)) from None
+        for outcome, n in result.outcomes.items():
+            self.metrics.events.labels(source.name, outcome).inc(n)
+        if result.duplicates:
+            self.metrics.events.labels(source.name, "duplicate").inc(result.duplicates)
+        return Handled(result, len(events))

@@ -1,0 +1,52 @@
+"""Running the gateway under uvicorn, with the relay's own signal handling.
+
+SIGTERM and SIGINT first make every new webhook answer 503 (so senders retry elsewhere or
+later), then uvicorn stops listening and waits for requests under way, then the forwarder
+finishes or hands back its in-flight batches within `shutdown_grace`, and the database is
+closed. SIGHUP reloads the mappings.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import uvicorn
+from starlette.routing import BaseRoute
+
+from relay.app import Runtime, create_app
+from relay.config import Config
+
+
+class RelayServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, runtime: Runtime):
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        self.runtime.draining = True
+        super().handle_exit(sig, frame)
+
+
+def build_server(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None,
+                 **options: Any) -> RelayServer:
+    app = create_app(config, mounts=mounts)
+    uv = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
+        timeout_graceful_shutdown=max(1, int(config.relay.shutdown_grace)),
+        **options,
+    )
+    return RelayServer(uv, app.state.relay)
+
+
+def serve(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None) -> bool:
+    """Run until stopped; False when the server could not start."""
+    server = build_server(config, host, port, mounts)
+    server.run()
+    return bool(server.started)

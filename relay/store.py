@@ -1,0 +1,277 @@
+"""What the relay keeps: webhooks, dedupe keys, the outbox and dead letters.
+
+Each operation is a function of a connection, run by the writer thread (relay/db.py) inside a
+group commit. The web layer, the forwarder and the CLI call them through :class:`Store`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay.db import Writer, connect
+
+PENDING, IN_FLIGHT, DELIVERED, DEAD = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in_flight", DELIVERED: "delivered", DEAD: "dead"}
+
+
+@dataclass
+class Output:
+    """One track event to queue (or a mapping failure, with body None)."""
+
+    destination: str
+    rule: int | None
+    body: str | None
+    error: str | None = None
+
+
+@dataclass
+class IncomingEvent:
+    key: str
+    type: str
+    outcome: str  # mapped | ignored | failed
+    outputs: list[Output] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    accepted: int
+    duplicates: int
+    webhook_id: int | None
+    queued: dict[str, int]  # destination -> rows queued
+    outcomes: dict[str, int] = field(default_factory=dict)  # fresh events by outcome
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    body: str
+    created_at: float
+    attempts: int
+
+
+def ingest(
+    conn: sqlite3.Connection,
+    source: str,
+    received_at: float,
+    content_type: str,
+    headers: str,
+    body: bytes,
+    events: Sequence[IncomingEvent],
+    dedupe_window: float,
+) -> IngestResult:
+    """Dedupe each event, then store the webhook and the new events' outbox rows."""
+    fresh: list[IncomingEvent] = []
+    cutoff = received_at - dedupe_window
+    seen_here: set[str] = set()
+    for ev in events:
+        if ev.key in seen_here:
+            continue  # the same event twice in one body counts once
+        seen_here.add(ev.key)
+        cur = conn.execute(
+            "INSERT INTO dedupe (source, key, seen_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (source, key) DO UPDATE SET seen_at = excluded.seen_at "
+            "WHERE dedupe.seen_at < ?",
+            (source, ev.key, received_at, cutoff),
+        )
+        if cur.rowcount == 1:
+            fresh.append(ev)
+    duplicates = len(events) - len(fresh)
+    if not fresh:
+        return IngestResult(0, duplicates, None, {}, {})
+    cur = conn.execute(
+        "INSERT INTO webhooks (source, received_at, content_type, headers, body) VALUES (?, ?, ?, ?, ?)",
+        (source, received_at, content_type, headers, body),
+    )
+    webhook_id = int(cur.lastrowid or 0)
+    queued: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    rows: list[tuple[Any, ...]] = []
+    for ev in fresh:
+        outcomes[ev.outcome] = outcomes.get(ev.outcome, 0) + 1
+        cur = conn.execute(
+            "INSERT INTO events (webhook_id, source, key, type, outcome, received_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (webhook_id, source, ev.key, ev.type, ev.outcome, received_at),
+        )
+        event_id = cur.lastrowid
+        for out in ev.outputs:
+            state = PENDING if out.body is not None else DEAD
+            rows.append((out.destination, event_id, out.rule, out.body, received_at, state,
+                         out.error, received_at if state == DEAD else None))
+            if state == PENDING:
+                queued[out.destination] = queued.get(out.destination, 0) + 1
+    if rows:
+        conn.executemany(
+            "INSERT INTO outbox (destination, event_id, rule, body, created_at, state, last_error, done_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    return IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes)
+
+
+def queue_head(conn: sqlite3.Connection, destination: str, limit: int) -> tuple[int, float | None]:
+    """How many events wait (counted up to `limit`) and when the oldest was queued."""
+    rows = conn.execute(
+        "SELECT created_at FROM outbox WHERE destination = ? AND state = 0 ORDER BY id LIMIT ?",
+        (destination, limit),
+    ).fetchall()
+    if not rows:
+        return 0, None
+    return len(rows), min(r[0] for r in rows)
+
+
+def claim(conn: sqlite3.Connection, destination: str, limit: int) -> tuple[int, list[Row]]:
+    """Mark the next `limit` pending rows in flight, as one batch, before they are sent."""
+    rows = conn.execute(
+        "SELECT id, body, created_at, attempts FROM outbox "
+        "WHERE destination = ? AND state = 0 ORDER BY id LIMIT ?",
+        (destination, limit),
+    ).fetchall()
+    if not rows:
+        return 0, []
+    batch_id = rows[0]["id"]
+    ids = [r["id"] for r in rows]
+    conn.execute(
+        f"UPDATE outbox SET state = 1, batch_id = ?, attempts = attempts + 1 "
+        f"WHERE id IN ({','.join('?' * len(ids))}) AND state = 0",
+        (batch_id, *ids),
+    )
+    return batch_id, [Row(r["id"], r["body"], r["created_at"], r["attempts"] + 1) for r in rows]
+
+
+def _in(ids: Sequence[int]) -> str:
+    return ",".join("?" * len(ids))
+
+
+def delivered(conn: sqlite3.Connection, ids: Sequence[int], track_ids: Sequence[int | None],
+              destination: str, now: float) -> None:
+    conn.executemany(
+        "UPDATE outbox SET state = 2, track_id = ?, done_at = ?, last_error = NULL WHERE id = ?",
+        [(tid, now, i) for i, tid in zip(ids, track_ids, strict=True)],
+    )
+    conn.execute(
+        "UPDATE destinations SET last_success_at = ?, paused_reason = NULL, paused_at = NULL "
+        "WHERE name = ?",
+        (now, destination),
+    )
+
+
+def attempted(conn: sqlite3.Connection, ids: Sequence[int], error: str) -> None:
+    """A try failed and will be repeated: count it and keep the reason."""
+    conn.execute(
+        f"UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id IN ({_in(ids)})",
+        (error, *ids),
+    )
+
+
+def release(conn: sqlite3.Connection, ids: Sequence[int], error: str | None) -> None:
+    """Hand rows back to the queue (paused destination, shutdown)."""
+    conn.execute(
+        f"UPDATE outbox SET state = 0, batch_id = NULL, last_error = COALESCE(?, last_error) "
+        f"WHERE id IN ({_in(ids)}) AND state = 1",
+        (error, *ids),
+    )
+
+
+def dead_letter(conn: sqlite3.Connection, ids: Sequence[int], reason: str, now: float) -> None:
+    conn.execute(
+        f"UPDATE outbox SET state = 3, last_error = ?, done_at = ?, batch_id = NULL "
+        f"WHERE id IN ({_in(ids)})",
+        (reason, now, *ids),
+    )
+
+
+def expire(conn: sqlite3.Connection, cutoff: float, now: float) -> list[str]:
+    """Dead-letter pending rows queued before `cutoff`; returns their destinations."""
+    rows = conn.execute(
+        "UPDATE outbox SET state = 3, done_at = ?, "
+        "last_error = 'not delivered within max_event_age' || "
+        "  COALESCE('; last error: ' || last_error, '') "
+        "WHERE state = 0 AND created_at < ? RETURNING destination",
+        (now, cutoff),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def reset_in_flight(conn: sqlite3.Connection) -> int:
+    """After a crash: the batches that were in flight are sent again."""
+    return conn.execute("UPDATE outbox SET state = 0, batch_id = NULL WHERE state = 1").rowcount
+
+
+def register_destination(conn: sqlite3.Connection, name: str, key_id: str, website_id: int) -> None:
+    conn.execute(
+        "INSERT INTO destinations (name, key_id, website_id) VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO NOTHING",
+        (name, key_id, website_id),
+    )
+
+
+def set_paused(conn: sqlite3.Connection, names: Iterable[str], reason: str | None, now: float) -> None:
+    for name in names:
+        conn.execute(
+            "UPDATE destinations SET paused_reason = ?, paused_at = CASE WHEN ? IS NULL THEN NULL "
+            "ELSE COALESCE(paused_at, ?) END WHERE name = ?",
+            (reason, reason, now, name),
+        )
+
+
+def set_error(conn: sqlite3.Connection, name: str, error: str, now: float) -> None:
+    conn.execute(
+        "UPDATE destinations SET last_error = ?, last_error_at = ? WHERE name = ?",
+        (error, now, name),
+    )
+
+
+def prune(conn: sqlite3.Connection, now: float, dedupe_window: float, retention: float,
+          step: int = 500) -> int:
+    """One small step of retention; returns rows removed (call again while it is > 0)."""
+    removed = conn.execute(
+        "DELETE FROM dedupe WHERE (source, key) IN "
+        "(SELECT source, key FROM dedupe WHERE seen_at < ? LIMIT ?)",
+        (now - dedupe_window, step),
+    ).rowcount
+    cutoff = now - retention
+    removed += conn.execute(
+        "DELETE FROM outbox WHERE id IN "
+        "(SELECT id FROM outbox WHERE state = 2 AND done_at < ? LIMIT ?)",
+        (cutoff, step),
+    ).rowcount
+    # A webhook goes once it is old and none of its events waits or lies dead.
+    old = [r[0] for r in conn.execute(
+        "SELECT w.id FROM webhooks w WHERE w.received_at < ? AND NOT EXISTS ("
+        "  SELECT 1 FROM events e JOIN outbox o ON o.event_id = e.id "
+        "  WHERE e.webhook_id = w.id AND o.state != 2) LIMIT ?",
+        (cutoff, step),
+    )]
+    if old:
+        conn.execute(f"DELETE FROM outbox WHERE event_id IN (SELECT id FROM events WHERE webhook_id IN ({_in(old)}))", old)
+        conn.execute(f"DELETE FROM events WHERE webhook_id IN ({_in(old)})", old)
+        removed += conn.execute(f"DELETE FROM webhooks WHERE id IN ({_in(old)})", old).rowcount
+    return removed
+
+
+class Store:
+    """The relay's database: the writer thread for writes, short-lived connections for reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.writer = Writer(path)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def reader(self) -> sqlite3.Connection:
+        return connect(self.path, readonly=True)
+
+    @staticmethod
+    def reader_of(path: Path) -> sqlite3.Connection:
+        """A read connection for the CLI; the schema is brought up to date first."""
+        from relay.db import migrate
+
+        conn = connect(path)
+        migrate(conn)
+        return conn
