@@ -126,15 +126,11 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"({len(MIGRATIONS)}); upgrade the relay"
         )
     for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in sql.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
+            conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number};\nCOMMIT;")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         log.info("database migrated to version %d", number)
     return len(MIGRATIONS)

@@ -36,7 +36,7 @@ class SlidingWindowLimiter:
         self._changed = asyncio.Event()
 
     def _trim(self, now: float) -> None:
-        while self.log and self.log[0] <= now - self.window:
+        while self.log and self.log[0] <= now - self.window - self.margin:
             self.log.popleft()
 
     def delay(self) -> float:
