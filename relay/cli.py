@@ -39,13 +39,18 @@ def main() -> None:
 @click.option("--website-id", "website_ids", multiple=True, type=int, help="A website the keys own (repeatable). Default: 1.")
 @click.option("--requests-per-minute", default=60, show_default=True, type=int, help="Rate limit per API key (sliding 60 s window).")
 @click.option("--database", default="sandbox.db", show_default=True, help="SQLite file for accepted events.")
+@click.option("--monthly-quota", type=int, default=None,
+              help="Accepted events per key per month (402 beyond). Default: unlimited.")
+@click.option("--plan", type=click.Choice(["pro", "free"]), default="pro", show_default=True,
+              help="'free' answers every track request 403 plan_required.")
 def sandbox(host: str, port: int, api_keys: tuple[str, ...], website_ids: tuple[int, ...],
-            requests_per_minute: int, database: str) -> None:
+            requests_per_minute: int, database: str, monthly_quota: int | None, plan: str) -> None:
     """Run the local track API alone (a faithful implementation of the reference)."""
     from relay import sandbox as sb
 
     sb.run(host=host, port=port, api_keys=list(api_keys), website_ids=list(website_ids) or [1],
-           requests_per_minute=requests_per_minute, database=database)
+           requests_per_minute=requests_per_minute, database=database,
+           monthly_quota=monthly_quota, plan=plan)
 
 
 # -- shared options ---------------------------------------------------------------------------

@@ -332,6 +332,8 @@ class Worker:
         f = self.f
         gate = self.key.gate if outcome.whole_key else self.gate
         first = gate.reason is None
+        if first:
+            gate.backoff = min(PAUSE_FIRST_PROBE, f.settings.max_backoff)
         gate.reason = outcome.reason
         gate.until = f.clock() + gate.backoff
         wait = gate.backoff
