@@ -26,6 +26,10 @@ class RelayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         self.runtime.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn would raise the signal again after its graceful shutdown, making the exit
+        # status "killed by SIGTERM" (or a KeyboardInterrupt traceback for SIGINT). A clean
+        # drain is a clean exit: status 0.
+        self._captured_signals.clear()
 
 
 def build_server(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None,
