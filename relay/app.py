@@ -51,11 +51,20 @@ class Runtime:
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
             headers={"user-agent": "webhook-relay"},
         )
-        self.forwarder = Forwarder(self.store, cfg, self.client, self.metrics,
-                                   housekeeping_interval=self.housekeeping_interval)
+        self.forwarder = Forwarder(
+            self.store,
+            cfg,
+            self.client,
+            self.metrics,
+            housekeeping_interval=self.housekeeping_interval,
+        )
         await self.forwarder.start()
-        applog.info("relay ready: %d source(s), %d destination(s), database %s",
-                    len(cfg.sources), len(self.forwarder.workers), cfg.relay.database)
+        applog.info(
+            "relay ready: %d source(s), %d destination(s), database %s",
+            len(cfg.sources),
+            len(self.forwarder.workers),
+            cfg.relay.database,
+        )
 
     async def stop(self) -> None:
         self.draining = True
@@ -105,13 +114,22 @@ async def webhook(request: Request) -> Response:
         source = rt.pipeline.source(name)
         body = await _read_body(request, rt.config.relay.max_body_bytes)
         size = len(body)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]
+        }
         wr = WebhookRequest(request.method, str(request.url), headers, body, received_at)
         handled = await rt.pipeline.handle(source, wr)
     except WebhookError as e:
         rt.metrics.webhooks.labels(label, e.code).inc()
-        log.info("webhook %s %d %s: %s (%d bytes, %.1f ms)", name, e.status, e.code, e.reason,
-                 size, (time.perf_counter() - started) * 1000)
+        log.info(
+            "webhook %s %d %s: %s (%d bytes, %.1f ms)",
+            name,
+            e.status,
+            e.code,
+            e.reason,
+            size,
+            (time.perf_counter() - started) * 1000,
+        )
         response = _error(e.status, e.code, e.reason)
         if e.status == 503:
             response.headers["retry-after"] = "5"
@@ -126,8 +144,14 @@ async def webhook(request: Request) -> Response:
         rt.forwarder.notify(dest)
     outcome = "accepted" if result.accepted or not result.duplicates else "duplicate"
     rt.metrics.webhooks.labels(name, outcome).inc()
-    log.info("webhook %s 200 accepted=%d duplicates=%d (%d bytes, %.1f ms)", name,
-             result.accepted, result.duplicates, size, (time.perf_counter() - started) * 1000)
+    log.info(
+        "webhook %s 200 accepted=%d duplicates=%d (%d bytes, %.1f ms)",
+        name,
+        result.accepted,
+        result.duplicates,
+        size,
+        (time.perf_counter() - started) * 1000,
+    )
     return JSONResponse({"ok": True, "accepted": result.accepted, "duplicates": result.duplicates})
 
 
@@ -168,8 +192,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, code, exc.detail)
 
 
-def create_app(config: Config, housekeeping_interval: float = 30.0,
-               mounts: list[BaseRoute] | None = None) -> Starlette:
+def create_app(
+    config: Config, housekeeping_interval: float = 30.0, mounts: list[BaseRoute] | None = None
+) -> Starlette:
     runtime = Runtime(config, housekeeping_interval)
 
     @contextlib.asynccontextmanager

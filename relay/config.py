@@ -82,7 +82,9 @@ def _line_of(text: str | None, key: str | None) -> int | None:
     start = 0
     if len(parts) > 1:
         header = re.compile(
-            r"^\s*\[\[?\s*" + r"\s*\.\s*".join(re.escape(p) for p in parts[:-1]) + r"\s*\]\]?\s*(#.*)?$"
+            r"^\s*\[\[?\s*"
+            + r"\s*\.\s*".join(re.escape(p) for p in parts[:-1])
+            + r"\s*\]\]?\s*(#.*)?$"
         )
         for i, line in enumerate(lines):
             if header.match(line):
@@ -165,7 +167,9 @@ class ConfigTable:
             self.fail(name, f"must be {what}, not {_type_name(value)}")
         return value
 
-    def string(self, name: str, default: Any = ..., *, choices: tuple[str, ...] | None = None) -> Any:
+    def string(
+        self, name: str, default: Any = ..., *, choices: tuple[str, ...] | None = None
+    ) -> Any:
         value = self._raw(name, default, default is ...)
         if value is default and name not in self.data:
             return value
@@ -174,18 +178,24 @@ class ConfigTable:
             self.fail(name, f"must be one of {', '.join(choices)}, not {value!r}")
         return value
 
-    def integer(self, name: str, default: Any = ..., *, min: int | None = None, max: int | None = None) -> Any:
+    def integer(
+        self, name: str, default: Any = ..., *, min: int | None = None, max: int | None = None
+    ) -> Any:
         value = self._raw(name, default, default is ...)
         if name not in self.data:
             return value
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)  # from an environment variable
         value = self._typed(name, value, int, "an integer")
-        if min is not None and value < min or max is not None and value > max:
+        if (min is not None and value < min) or (max is not None and value > max):
             lo = "" if min is None else f"{min}"
             hi = "" if max is None else f"{max}"
-            self.fail(name, f"must be between {lo} and {hi}, not {value}" if lo and hi
-                      else f"must be {'>= ' + lo if lo else '<= ' + hi}, not {value}")
+            self.fail(
+                name,
+                f"must be between {lo} and {hi}, not {value}"
+                if lo and hi
+                else f"must be {'>= ' + lo if lo else '<= ' + hi}, not {value}",
+            )
         return value
 
     def boolean(self, name: str, default: Any = ...) -> Any:
@@ -203,7 +213,7 @@ class ConfigTable:
         if isinstance(value, int | float) and not isinstance(value, bool):
             seconds = float(value)
         else:
-            value = self._typed(name, value, str, "a duration such as \"5s\" or \"48h\"")
+            value = self._typed(name, value, str, 'a duration such as "5s" or "48h"')
             try:
                 seconds = parse_duration(value)
             except ValueError as e:
@@ -272,8 +282,12 @@ class ConfigTable:
 
 def _type_name(value: Any) -> str:
     return {
-        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-        list: "a list", dict: "a table",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
     }.get(type(value), type(value).__name__)
 
 
@@ -352,7 +366,9 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(file, None, "file not found (pass --config or set RELAY_CONFIG)") from None
+        raise ConfigError(
+            file, None, "file not found (pass --config or set RELAY_CONFIG)"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(file, None, f"cannot read: {e}") from None
     try:
@@ -363,7 +379,10 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 
 def parse_config(
-    doc: Mapping[str, Any], file: Path, text: str | None = None, env: Mapping[str, str] | None = None
+    doc: Mapping[str, Any],
+    file: Path,
+    text: str | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Config:
     from relay.providers import build_source_parts
 
@@ -381,7 +400,9 @@ def parse_config(
     )
     r.finish()
     if relay.retention < relay.dedupe_window:
-        r.fail("retention", "must be at least dedupe_window, or retried events could be counted twice")
+        r.fail(
+            "retention", "must be at least dedupe_window, or retried events could be counted twice"
+        )
 
     t = root.table("track", required=True)
     base_url = t.string("base_url").rstrip("/")
@@ -405,7 +426,10 @@ def parse_config(
     for name in list(s.data):
         table = s.table(name)
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            s.fail(name, "a source name may hold only letters, digits, '-' and '_' (it is part of the URL)")
+            s.fail(
+                name,
+                "a source name may hold only letters, digits, '-' and '_' (it is part of the URL)",
+            )
         provider_name = table.string("provider")
         provider, verifier = build_source_parts(provider_name, table)
         mapping = table.path("mapping", f"mappings/{provider_name}.toml")

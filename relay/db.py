@@ -101,8 +101,13 @@ _STOP = object()
 
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False, timeout=10)
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro",
+            uri=True,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=10,
+        )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
@@ -127,7 +132,9 @@ def migrate(conn: sqlite3.Connection) -> int:
         )
     for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
         try:
-            conn.executescript(f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number};\nCOMMIT;")
+            conn.executescript(
+                f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number};\nCOMMIT;"
+            )
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -168,6 +175,10 @@ class Writer:
         """Run a job and await its commit, without blocking the event loop."""
         result: T = await asyncio.wrap_future(self.submit(job))
         return result
+
+    async def apply(self, fn: Callable[..., T], *args: Any) -> T:
+        """Await fn(connection, *args) in the writer."""
+        return await self.run(lambda conn: fn(conn, *args))
 
     def close(self, timeout: float = 10.0) -> None:
         if self._closed:

@@ -24,8 +24,11 @@ SANDBOX_PREFIX = "/sandbox"
 
 def find_mappings() -> Path:
     """The shipped mappings: ./mappings in a checkout, else the copy beside the package."""
-    for candidate in (Path("mappings"), Path(__file__).resolve().parent.parent / "mappings",
-                      Path(__file__).resolve().parent / "mappings"):
+    for candidate in (
+        Path("mappings"),
+        Path(__file__).resolve().parent.parent / "mappings",
+        Path(__file__).resolve().parent / "mappings",
+    ):
         if (candidate / "stripe.toml").is_file():
             return candidate.resolve()
     raise FileNotFoundError("no mappings/ folder found (run relay dev from the project folder)")
@@ -50,7 +53,13 @@ def _dev_secret(kind: str, directory: Path) -> dict[str, Any] | None:
 
 
 def _toml_value(value: Any) -> str:
-    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        json.dumps(value)
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
 
 
 def write_dev_config(port: int, directory: Path = DEV_DIR) -> Path:

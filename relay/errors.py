@@ -26,7 +26,9 @@ class RelayError(Exception):
 class ConfigError(RelayError):
     """A mistake in a config or mapping file, named by file, key and reason."""
 
-    def __init__(self, file: Path | str | None, key: str | None, reason: str, line: int | None = None):
+    def __init__(
+        self, file: Path | str | None, key: str | None, reason: str, line: int | None = None
+    ):
         self.file = str(file) if file is not None else None
         self.key = key
         self.reason = reason

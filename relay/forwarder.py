@@ -19,6 +19,7 @@ How each answer of the track API is handled:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -134,10 +135,8 @@ def _retry_after(response: httpx.Response) -> float:
     candidates: list[float] = []
     header = response.headers.get("retry-after")
     if header:
-        try:
+        with contextlib.suppress(ValueError):
             candidates.append(float(header))
-        except ValueError:
-            pass
     try:
         data = response.json()
         if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
@@ -189,9 +188,7 @@ class Worker:
         if delay > 0:
             await self._sleep(delay)
             return
-        count, oldest = await f.store.writer.run(
-            lambda c: ops.queue_head(c, self.name, settings.batch_size)
-        )
+        count, oldest = await f.store.writer.apply(ops.queue_head, self.name, settings.batch_size)
         if count == 0:
             await self._sleep(IDLE_RECHECK)
             return
@@ -210,9 +207,7 @@ class Worker:
                 if gate.reason is not None:
                     gate.probing = True
         try:
-            batch_id, rows = await f.store.writer.run(
-                lambda c: ops.claim(c, self.name, settings.batch_size)
-            )
+            batch_id, rows = await f.store.writer.apply(ops.claim, self.name, settings.batch_size)
             if rows:
                 self.in_flight, self.batch_id = rows, batch_id
                 await self._deliver(rows)
@@ -222,14 +217,12 @@ class Worker:
             if self.in_flight:  # stopped or paused mid-way: hand the rest back to the queue
                 rows, self.in_flight = self.in_flight, []
                 ids = [r.id for r in rows]
-                await f.store.writer.run(lambda c: ops.release(c, ids, None))
+                await f.store.writer.apply(ops.release, ids, None)
 
     async def _sleep(self, seconds: float) -> None:
         self.wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
-        except TimeoutError:
-            pass
 
     async def _deliver(self, rows: list[Row]) -> None:
         """Send rows until they are delivered, dead-lettered or handed back."""
@@ -241,7 +234,7 @@ class Worker:
                 track_ids = list(outcome.event_ids[: len(rows)])
                 track_ids += [None] * (len(rows) - len(track_ids))
                 now = f.wall()
-                await f.store.writer.run(lambda c: ops.delivered(c, ids, track_ids, self.name, now))
+                await f.store.writer.apply(ops.delivered, ids, track_ids, self.name, now)
                 self._done(rows)
                 f.metrics.forwarded.labels(self.name).inc(len(rows))
                 self.failures = 0
@@ -255,14 +248,20 @@ class Worker:
                     await self._dead_letter(rows, reason)
                     return
                 mid = len(rows) // 2
-                log.warning("batch %s: 400 for %d events; splitting to find the refused ones",
-                            self.name, len(rows))
+                log.warning(
+                    "batch %s: 400 for %d events; splitting to find the refused ones",
+                    self.name,
+                    len(rows),
+                )
                 await self._deliver(rows[:mid])
                 await self._deliver(rows[mid:])
                 return
             if isinstance(outcome, RateLimited):
-                log.warning("batch %s: 429 from the track API; waiting %.0f s", self.name,
-                            outcome.retry_after)
+                log.warning(
+                    "batch %s: 429 from the track API; waiting %.0f s",
+                    self.name,
+                    outcome.retry_after,
+                )
                 self.key.limiter.block(outcome.retry_after)
                 await self.key.limiter.ready()
                 continue
@@ -272,15 +271,20 @@ class Worker:
             # Retry: 5xx, timeout, connection error, broken answer.
             self.failures += 1
             now = f.wall()
-            await f.store.writer.run(lambda c: ops.attempted(c, ids, outcome.reason))
-            await f.store.writer.run(lambda c: ops.set_error(c, self.name, outcome.reason, now))
+            await f.store.writer.apply(ops.attempted, ids, outcome.reason)
+            await f.store.writer.apply(ops.set_error, self.name, outcome.reason, now)
             expired = [r for r in rows if r.created_at < now - f.settings.max_event_age]
             if expired:
-                await self._dead_letter(expired, f"not delivered within max_event_age; last error: {outcome.reason}")
+                await self._dead_letter(
+                    expired, f"not delivered within max_event_age; last error: {outcome.reason}"
+                )
                 rows = [r for r in rows if r not in expired]
-            delay = random.uniform(0, min(f.settings.max_backoff, BACKOFF_BASE * 2 ** min(self.failures, 20)))
-            log.warning("batch %s: %s; retry %d in %.1f s", self.name, outcome.reason,
-                        self.failures, delay)
+            delay = random.uniform(
+                0, min(f.settings.max_backoff, BACKOFF_BASE * 2 ** min(self.failures, 20))
+            )
+            log.warning(
+                "batch %s: %s; retry %d in %.1f s", self.name, outcome.reason, self.failures, delay
+            )
             await self._sleep_unless_stopping(delay)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
@@ -295,7 +299,7 @@ class Worker:
     async def _dead_letter(self, rows: list[Row], reason: str) -> None:
         ids = [r.id for r in rows]
         now = self.f.wall()
-        await self.f.store.writer.run(lambda c: ops.dead_letter(c, ids, reason, now))
+        await self.f.store.writer.apply(ops.dead_letter, ids, reason, now)
         self._done(rows)
         self.f.metrics.dead_letters.labels(self.name).inc(len(rows))
         log.error("batch %s: %d events dead-lettered: %s", self.name, len(rows), reason[:300])
@@ -340,30 +344,40 @@ class Worker:
         gate.backoff = min(f.settings.max_backoff, gate.backoff * 2)
         names = f.destinations_of_key(self.key.key_id) if outcome.whole_key else [self.name]
         now = f.wall()
-        await f.store.writer.run(lambda c: ops.release(c, ids, outcome.reason))
+        await f.store.writer.apply(ops.release, ids, outcome.reason)
         self.in_flight = []
-        await f.store.writer.run(lambda c: ops.set_paused(c, names, outcome.reason, now))
-        await f.store.writer.run(lambda c: ops.set_error(c, self.name, outcome.reason, now))
+        await f.store.writer.apply(ops.set_paused, names, outcome.reason, now)
+        await f.store.writer.apply(ops.set_error, self.name, outcome.reason, now)
         for name in names:
             f.metrics.paused.labels(name).set(1)
-        scope = f"every destination of API key {self.key.key_id}" if outcome.whole_key else self.name
+        scope = (
+            f"every destination of API key {self.key.key_id}" if outcome.whole_key else self.name
+        )
         if first:
-            log.error("PAUSED %s: the track API answered %s; events are kept; probing again in %.0f s",
-                      scope, outcome.reason, wait)
+            log.error(
+                "PAUSED %s: the track API answered %s; events are kept; probing again in %.0f s",
+                scope,
+                outcome.reason,
+                wait,
+            )
         else:
             log.error("still PAUSED %s (%s); next probe in %.0f s", scope, outcome.reason, wait)
 
     def _resume(self) -> None:
         f = self.f
-        for gate, names in ((self.key.gate, f.destinations_of_key(self.key.key_id)),
-                            (self.gate, [self.name])):
+        for gate, names in (
+            (self.key.gate, f.destinations_of_key(self.key.key_id)),
+            (self.gate, [self.name]),
+        ):
             if gate.reason is not None:
-                log.warning("RESUMED %s: the track API accepts again (was: %s)", gate.name, gate.reason)
+                log.warning(
+                    "RESUMED %s: the track API accepts again (was: %s)", gate.name, gate.reason
+                )
                 gate.reason = None
                 gate.backoff = PAUSE_FIRST_PROBE
                 for name in names:
                     f.metrics.paused.labels(name).set(0)
-                f.spawn(f.store.writer.run(lambda c, n=names: ops.set_paused(c, n, None, f.wall())))
+                f.spawn(f.store.writer.apply(ops.set_paused, names, None, f.wall()))
                 for name in names:
                     f.workers[name].wake.set()
 
@@ -413,10 +427,10 @@ class Forwarder:
         if reset:
             log.warning("re-sending %d events that were in flight when the relay stopped", reset)
         for w in self.workers.values():
-            await self.store.writer.run(
-                lambda c, w=w: ops.register_destination(c, w.name, w.key.key_id, w.dest.website_id)
+            await self.store.writer.apply(
+                ops.register_destination, w.name, w.key.key_id, w.dest.website_id
             )
-            await self.store.writer.run(lambda c, w=w: ops.set_paused(c, [w.name], None, self.wall()))
+            await self.store.writer.apply(ops.set_paused, [w.name], None, self.wall())
             w.task = asyncio.create_task(w.run(), name=f"forward {w.name}")
         self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
 
@@ -449,7 +463,7 @@ class Forwarder:
             self._housekeeper.cancel()
             tasks.append(self._housekeeper)
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=grace)
+            _, pending = await asyncio.wait(tasks, timeout=grace)
             for t in pending:
                 t.cancel()
             if pending:
@@ -458,7 +472,7 @@ class Forwarder:
             if w.in_flight:
                 ids = [r.id for r in w.in_flight]
                 w.in_flight = []
-                await self.store.writer.run(lambda c, ids=ids: ops.release(c, ids, None))
+                await self.store.writer.apply(ops.release, ids, None)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
@@ -468,17 +482,18 @@ class Forwarder:
             try:
                 now = self.wall()
                 cutoff = now - self.settings.max_event_age
-                expired = await self.store.writer.run(lambda c: ops.expire(c, cutoff, now))
+                expired = await self.store.writer.apply(ops.expire, cutoff, now)
                 for name in expired:
                     self.metrics.dead_letters.labels(name).inc()
                 if expired:
-                    log.error("%d events dead-lettered: not delivered within max_event_age",
-                              len(expired))
+                    log.error(
+                        "%d events dead-lettered: not delivered within max_event_age", len(expired)
+                    )
                 # Retention in small steps, each its own short transaction, so ingestion
                 # never waits long behind it.
                 while not self.stopping:
-                    removed = await self.store.writer.run(
-                        lambda c: ops.prune(c, self.wall(), cfg.dedupe_window, cfg.retention)
+                    removed = await self.store.writer.apply(
+                        ops.prune, self.wall(), cfg.dedupe_window, cfg.retention
                     )
                     if removed == 0:
                         break
@@ -488,4 +503,3 @@ class Forwarder:
             except Exception:
                 log.exception("housekeeping failed; trying again later")
             await asyncio.sleep(self.housekeeping_interval)
-

@@ -50,7 +50,9 @@ def outputs_of(source: Source, result: MapResult) -> tuple[str, list[Output], in
     """The outbox rows of one mapped event, its outcome, and how many were fitted."""
     dest = source.destination.name
     outs = [
-        Output(dest, m.rule, json.dumps(m.event.to_json(), separators=(",", ":"), ensure_ascii=False))
+        Output(
+            dest, m.rule, json.dumps(m.event.to_json(), separators=(",", ":"), ensure_ascii=False)
+        )
         for m in result.outputs
     ]
     outs += [Output(dest, f.rule, None, f"mapping failed: {f.reason}") for f in result.failures]
@@ -94,8 +96,9 @@ class Pipeline:
             raise UnknownSource(f"no source named {name!r}")
         return source
 
-    def map_events(self, source: Source, events: list[ProviderEvent],
-                   headers: dict[str, str]) -> list[IncomingEvent]:
+    def map_events(
+        self, source: Source, events: list[ProviderEvent], headers: dict[str, str]
+    ) -> list[IncomingEvent]:
         mapping = self.mappings[source.name]
         incoming = []
         for ev in events:
@@ -105,11 +108,21 @@ class Pipeline:
                 self.metrics.fitted.labels(source.name).inc(fitted)
                 for m in result.outputs:
                     if m.notes:
-                        log.warning("source %s event %s: %s fitted to the track API: %s",
-                                    source.name, ev.key, mapping.rule_label(m.rule), "; ".join(m.notes))
+                        log.warning(
+                            "source %s event %s: %s fitted to the track API: %s",
+                            source.name,
+                            ev.key,
+                            mapping.rule_label(m.rule),
+                            "; ".join(m.notes),
+                        )
             for f in result.failures:
-                log.error("source %s event %s: %s failed: %s", source.name, ev.key,
-                          mapping.rule_label(f.rule), f.reason)
+                log.error(
+                    "source %s event %s: %s failed: %s",
+                    source.name,
+                    ev.key,
+                    mapping.rule_label(f.rule),
+                    f.reason,
+                )
             incoming.append(IncomingEvent(ev.key, ev.type, outcome, outs))
         return incoming
 
@@ -126,8 +139,16 @@ class Pipeline:
         window = self.config.relay.dedupe_window
         try:
             result = await self.store.writer.run(
-                lambda c: ops.ingest(c, source.name, request.received_at, request.content_type,
-                                     headers_json, request.body, incoming, window)
+                lambda c: ops.ingest(
+                    c,
+                    source.name,
+                    request.received_at,
+                    request.content_type,
+                    headers_json,
+                    request.body,
+                    incoming,
+                    window,
+                )
             )
         except StoreError as e:
             raise Unavailable(str(e)) from None

@@ -9,48 +9,71 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.webhooks = Counter(
-            "relay_webhooks", "Webhooks received, by source and outcome.", ["source", "outcome"], registry=r
+            "relay_webhooks",
+            "Webhooks received, by source and outcome.",
+            ["source", "outcome"],
+            registry=r,
         )
         self.events = Counter(
             "relay_events",
             "Provider events, by source and outcome (mapped, ignored, failed, duplicate).",
-            ["source", "outcome"], registry=r,
+            ["source", "outcome"],
+            registry=r,
         )
         self.fitted = Counter(
-            "relay_events_fitted", "Track events that had to be cut or trimmed to fit the track API.",
-            ["source"], registry=r,
+            "relay_events_fitted",
+            "Track events that had to be cut or trimmed to fit the track API.",
+            ["source"],
+            registry=r,
         )
         self.forwarded = Counter(
-            "relay_events_forwarded", "Track events the track API accepted.", ["destination"], registry=r
+            "relay_events_forwarded",
+            "Track events the track API accepted.",
+            ["destination"],
+            registry=r,
         )
         self.batches = Counter(
-            "relay_batches", "Batch requests sent, by destination and status.",
-            ["destination", "status"], registry=r,
+            "relay_batches",
+            "Batch requests sent, by destination and status.",
+            ["destination", "status"],
+            registry=r,
         )
         self.dead_letters = Counter(
-            "relay_dead_letters_added", "Events put in the dead-letter queue.", ["destination"], registry=r
+            "relay_dead_letters_added",
+            "Events put in the dead-letter queue.",
+            ["destination"],
+            registry=r,
         )
         self.rate_limit_waits = Counter(
-            "relay_rate_limit_waits", "Times a batch waited for the API key's rate-limit window.",
-            ["destination"], registry=r,
+            "relay_rate_limit_waits",
+            "Times a batch waited for the API key's rate-limit window.",
+            ["destination"],
+            registry=r,
         )
         self.latency = Histogram(
-            "relay_forward_latency_seconds", "Time for one batch request to the track API.",
-            ["destination"], registry=r,
+            "relay_forward_latency_seconds",
+            "Time for one batch request to the track API.",
+            ["destination"],
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.outbox_depth = Gauge(
             "relay_outbox_depth", "Events waiting to be forwarded.", ["destination"], registry=r
         )
         self.outbox_oldest = Gauge(
-            "relay_outbox_oldest_age_seconds", "Age of the oldest waiting event.", ["destination"], registry=r
+            "relay_outbox_oldest_age_seconds",
+            "Age of the oldest waiting event.",
+            ["destination"],
+            registry=r,
         )
         self.dead_letter_depth = Gauge(
             "relay_dead_letters", "Events in the dead-letter queue.", ["destination"], registry=r
         )
         self.paused = Gauge(
-            "relay_destination_paused", "1 while the track API refuses this destination.",
-            ["destination"], registry=r,
+            "relay_destination_paused",
+            "1 while the track API refuses this destination.",
+            ["destination"],
+            registry=r,
         )
 
     def render(self) -> bytes:

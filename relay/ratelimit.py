@@ -12,6 +12,7 @@ keeps us on the safe side of its window whatever the latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,10 +65,8 @@ class SlidingWindowLimiter:
 
     async def _wait(self, wait: float) -> None:
         self._changed.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), None if wait == float("inf") else wait)
-        except TimeoutError:
-            pass
 
     async def acquire(self) -> None:
         waited = False

@@ -32,8 +32,9 @@ class RelayServer(uvicorn.Server):
         self._captured_signals.clear()
 
 
-def build_server(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None,
-                 **options: Any) -> RelayServer:
+def build_server(
+    config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None, **options: Any
+) -> RelayServer:
     app = create_app(config, mounts=mounts)
     uv = uvicorn.Config(
         app,

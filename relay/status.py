@@ -49,7 +49,9 @@ class Status:
         return asdict(self)
 
 
-def read_status(conn: sqlite3.Connection, sources: Sequence[Source], now: float | None = None) -> Status:
+def read_status(
+    conn: sqlite3.Connection, sources: Sequence[Source], now: float | None = None
+) -> Status:
     now = time.time() if now is None else now
     by_dest: dict[str, list[str]] = {}
     websites: dict[str, int] = {}
@@ -61,9 +63,12 @@ def read_status(conn: sqlite3.Connection, sources: Sequence[Source], now: float 
         "SELECT destination, state, count(*) FROM outbox GROUP BY destination, state"
     ):
         counts.setdefault(name, {})[state] = n
-    oldest = dict(conn.execute(
-        "SELECT destination, min(created_at) FROM outbox WHERE state IN (0, 1) GROUP BY destination"
-    ).fetchall())
+    oldest = dict(
+        conn.execute(
+            "SELECT destination, min(created_at) FROM outbox WHERE state IN (0, 1) "
+            "GROUP BY destination"
+        ).fetchall()
+    )
     rows = {r["name"]: r for r in conn.execute("SELECT * FROM destinations")}
     names = sorted(set(by_dest) | set(counts) | set(rows))
     out = []
@@ -71,20 +76,22 @@ def read_status(conn: sqlite3.Connection, sources: Sequence[Source], now: float 
         c = counts.get(name, {})
         r = rows.get(name)
         old = oldest.get(name)
-        out.append(DestinationStatus(
-            name=name,
-            website_id=websites.get(name, r["website_id"] if r else 0),
-            sources=by_dest.get(name, []),
-            pending=c.get(0, 0),
-            in_flight=c.get(1, 0),
-            delivered=c.get(2, 0),
-            dead=c.get(3, 0),
-            oldest_pending_age=(now - old) if old is not None else None,
-            last_success_at=r["last_success_at"] if r else None,
-            last_error=r["last_error"] if r else None,
-            last_error_at=r["last_error_at"] if r else None,
-            paused=r["paused_reason"] if r else None,
-        ))
+        out.append(
+            DestinationStatus(
+                name=name,
+                website_id=websites.get(name, r["website_id"] if r else 0),
+                sources=by_dest.get(name, []),
+                pending=c.get(0, 0),
+                in_flight=c.get(1, 0),
+                delivered=c.get(2, 0),
+                dead=c.get(3, 0),
+                oldest_pending_age=(now - old) if old is not None else None,
+                last_success_at=r["last_success_at"] if r else None,
+                last_error=r["last_error"] if r else None,
+                last_error_at=r["last_error_at"] if r else None,
+                paused=r["paused_reason"] if r else None,
+            )
+        )
     dead = sum(d.dead for d in out)
     dedupe = conn.execute("SELECT count(*) FROM dedupe").fetchone()[0]
     webhooks = conn.execute("SELECT count(*) FROM webhooks").fetchone()[0]

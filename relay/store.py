@@ -83,7 +83,8 @@ def ingest(
     if not fresh:
         return IngestResult(0, duplicates, None, {}, {})
     cur = conn.execute(
-        "INSERT INTO webhooks (source, received_at, content_type, headers, body) VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO webhooks (source, received_at, content_type, headers, body) "
+        "VALUES (?, ?, ?, ?, ?)",
         (source, received_at, content_type, headers, body),
     )
     webhook_id = int(cur.lastrowid or 0)
@@ -100,13 +101,24 @@ def ingest(
         event_id = cur.lastrowid
         for out in ev.outputs:
             state = PENDING if out.body is not None else DEAD
-            rows.append((out.destination, event_id, out.rule, out.body, received_at, state,
-                         out.error, received_at if state == DEAD else None))
+            rows.append(
+                (
+                    out.destination,
+                    event_id,
+                    out.rule,
+                    out.body,
+                    received_at,
+                    state,
+                    out.error,
+                    received_at if state == DEAD else None,
+                )
+            )
             if state == PENDING:
                 queued[out.destination] = queued.get(out.destination, 0) + 1
     if rows:
         conn.executemany(
-            "INSERT INTO outbox (destination, event_id, rule, body, created_at, state, last_error, done_at) "
+            "INSERT INTO outbox "
+            "(destination, event_id, rule, body, created_at, state, last_error, done_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
@@ -147,8 +159,13 @@ def _in(ids: Sequence[int]) -> str:
     return ",".join("?" * len(ids))
 
 
-def delivered(conn: sqlite3.Connection, ids: Sequence[int], track_ids: Sequence[int | None],
-              destination: str, now: float) -> None:
+def delivered(
+    conn: sqlite3.Connection,
+    ids: Sequence[int],
+    track_ids: Sequence[int | None],
+    destination: str,
+    now: float,
+) -> None:
     conn.executemany(
         "UPDATE outbox SET state = 2, track_id = ?, done_at = ?, last_error = NULL WHERE id = ?",
         [(tid, now, i) for i, tid in zip(ids, track_ids, strict=True)],
@@ -210,7 +227,9 @@ def register_destination(conn: sqlite3.Connection, name: str, key_id: str, websi
     )
 
 
-def set_paused(conn: sqlite3.Connection, names: Iterable[str], reason: str | None, now: float) -> None:
+def set_paused(
+    conn: sqlite3.Connection, names: Iterable[str], reason: str | None, now: float
+) -> None:
     for name in names:
         conn.execute(
             "UPDATE destinations SET paused_reason = ?, paused_at = CASE WHEN ? IS NULL THEN NULL "
@@ -226,8 +245,9 @@ def set_error(conn: sqlite3.Connection, name: str, error: str, now: float) -> No
     )
 
 
-def prune(conn: sqlite3.Connection, now: float, dedupe_window: float, retention: float,
-          step: int = 500) -> int:
+def prune(
+    conn: sqlite3.Connection, now: float, dedupe_window: float, retention: float, step: int = 500
+) -> int:
     """One small step of retention; returns rows removed (call again while it is > 0)."""
     removed = conn.execute(
         "DELETE FROM dedupe WHERE (source, key) IN "
@@ -241,14 +261,21 @@ def prune(conn: sqlite3.Connection, now: float, dedupe_window: float, retention:
         (cutoff, step),
     ).rowcount
     # A webhook goes once it is old and none of its events waits or lies dead.
-    old = [r[0] for r in conn.execute(
-        "SELECT w.id FROM webhooks w WHERE w.received_at < ? AND NOT EXISTS ("
-        "  SELECT 1 FROM events e JOIN outbox o ON o.event_id = e.id "
-        "  WHERE e.webhook_id = w.id AND o.state != 2) LIMIT ?",
-        (cutoff, step),
-    )]
+    old = [
+        r[0]
+        for r in conn.execute(
+            "SELECT w.id FROM webhooks w WHERE w.received_at < ? AND NOT EXISTS ("
+            "  SELECT 1 FROM events e JOIN outbox o ON o.event_id = e.id "
+            "  WHERE e.webhook_id = w.id AND o.state != 2) LIMIT ?",
+            (cutoff, step),
+        )
+    ]
     if old:
-        conn.execute(f"DELETE FROM outbox WHERE event_id IN (SELECT id FROM events WHERE webhook_id IN ({_in(old)}))", old)
+        conn.execute(
+            "DELETE FROM outbox WHERE event_id IN "
+            f"(SELECT id FROM events WHERE webhook_id IN ({_in(old)}))",
+            old,
+        )
         conn.execute(f"DELETE FROM events WHERE webhook_id IN ({_in(old)})", old)
         removed += conn.execute(f"DELETE FROM webhooks WHERE id IN ({_in(old)})", old).rowcount
     return removed

@@ -35,7 +35,9 @@ class Sandbox:
     def base_url(self) -> str:
         return f"{self.server.url}/api/v1"
 
-    def events(self, website_id: int = 1, limit: int = 10000, key: str | None = None) -> list[dict[str, Any]]:
+    def events(
+        self, website_id: int = 1, limit: int = 10000, key: str | None = None
+    ) -> list[dict[str, Any]]:
         r = httpx.get(
             f"{self.base_url}/websites/{website_id}/events",
             params={"limit": limit},
@@ -68,11 +70,20 @@ class Sandbox:
 def sandbox_factory(tmp_path: Path) -> Iterator[Callable[..., Sandbox]]:
     started: list[ThreadedServer] = []
 
-    def make(api_keys: list[str] | None = None, website_ids: tuple[int, ...] = (1, 2, 3),
-             requests_per_minute: int = 6000, **options: Any) -> Sandbox:
+    def make(
+        api_keys: list[str] | None = None,
+        website_ids: tuple[int, ...] = (1, 2, 3),
+        requests_per_minute: int = 6000,
+        **options: Any,
+    ) -> Sandbox:
         keys = api_keys or [API_KEY]
-        app = sandbox_mod.create_app(keys, website_ids, requests_per_minute,
-                                     tmp_path / f"sandbox{len(started)}.db", **options)
+        app = sandbox_mod.create_app(
+            keys,
+            website_ids,
+            requests_per_minute,
+            tmp_path / f"sandbox{len(started)}.db",
+            **options,
+        )
         server = ThreadedServer(app).start()
         started.append(server)
         return Sandbox(server, keys)
@@ -98,21 +109,27 @@ def _table(name: str, defaults: dict[str, Any], overrides: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def relay_toml(base_url: str, database: Path, *, sources: str | None = None, track: str = "",
-               relay: str = "") -> str:
+def relay_toml(
+    base_url: str, database: Path, *, sources: str | None = None, track: str = "", relay: str = ""
+) -> str:
     stripe = f"""
 [sources.stripe]
 provider = "stripe"
 secret = "{STRIPE_SECRET}"
-mapping = "{MAPPINGS / 'stripe.toml'}"
+mapping = "{MAPPINGS / "stripe.toml"}"
 """
     track_defaults = {
-        "base_url": base_url, "api_key": API_KEY, "website_id": 1,
-        "flush_interval": "300ms", "max_backoff": "2s",
+        "base_url": base_url,
+        "api_key": API_KEY,
+        "website_id": 1,
+        "flush_interval": "300ms",
+        "max_backoff": "2s",
     }
-    return (_table("relay", {"database": str(database)}, relay)
-            + _table("track", track_defaults, track)
-            + (sources if sources is not None else stripe))
+    return (
+        _table("relay", {"database": str(database)}, relay)
+        + _table("track", track_defaults, track)
+        + (sources if sources is not None else stripe)
+    )
 
 
 class Relay:
@@ -162,11 +179,25 @@ class Relay:
 def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     started: list[Relay] = []
 
-    def make(sandbox: Sandbox, *, sources: str | None = None, track: str = "", relay: str = "",
-             housekeeping_interval: float = 30.0, start: bool = True) -> Relay:
+    def make(
+        sandbox: Sandbox,
+        *,
+        sources: str | None = None,
+        track: str = "",
+        relay: str = "",
+        housekeeping_interval: float = 30.0,
+        start: bool = True,
+    ) -> Relay:
         path = tmp_path / f"relay{len(started)}.toml"
-        path.write_text(relay_toml(sandbox.base_url, tmp_path / f"relay{len(started)}.db",
-                                   sources=sources, track=track, relay=relay))
+        path.write_text(
+            relay_toml(
+                sandbox.base_url,
+                tmp_path / f"relay{len(started)}.db",
+                sources=sources,
+                track=track,
+                relay=relay,
+            )
+        )
         r = Relay(path, housekeeping_interval)
         started.append(r)
         return r.start() if start else r
@@ -176,7 +207,9 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
         r.stop()
 
 
-def stripe_event(event_type: str = "checkout.session.completed", **overrides: Any) -> dict[str, Any]:
+def stripe_event(
+    event_type: str = "checkout.session.completed", **overrides: Any
+) -> dict[str, Any]:
     from relay.providers.stripe import sample_event
 
     event = sample_event(event_type)
@@ -184,8 +217,9 @@ def stripe_event(event_type: str = "checkout.session.completed", **overrides: An
     return event
 
 
-def stripe_post(event: dict[str, Any], secret: str = STRIPE_SECRET,
-                timestamp: int | None = None) -> tuple[bytes, dict[str, str]]:
+def stripe_post(
+    event: dict[str, Any], secret: str = STRIPE_SECRET, timestamp: int | None = None
+) -> tuple[bytes, dict[str, str]]:
     """A body and headers signed the way Stripe signs them (with the stripe package)."""
     import stripe
 

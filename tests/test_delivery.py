@@ -84,7 +84,9 @@ def test_402_and_403_pause_every_destination_of_the_key(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
     sources = two_websites()
-    relay = relay_factory(sandbox, sources=sources, track='max_backoff = "1s"\nflush_interval = "100ms"')
+    relay = relay_factory(
+        sandbox, sources=sources, track='max_backoff = "1s"\nflush_interval = "100ms"'
+    )
     sandbox.fault(status=402, for_website=1)
     post_events(relay, 3, "site1")
     assert wait_until(lambda: len(relay.runtime.forwarder.paused()) == 2, timeout=5)
@@ -92,7 +94,9 @@ def test_402_and_403_pause_every_destination_of_the_key(
     time.sleep(0.5)
     assert sandbox.events(2) == []  # website 2 shares the key: it waits too
     sandbox.clear_faults()
-    assert wait_until(lambda: len(sandbox.events(1)) == 3 and len(sandbox.events(2)) == 3, timeout=10)
+    assert wait_until(
+        lambda: len(sandbox.events(1)) == 3 and len(sandbox.events(2)) == 3, timeout=10
+    )
 
 
 def two_websites() -> str:
@@ -100,12 +104,12 @@ def two_websites() -> str:
 [sources.site1]
 provider = "stripe"
 secret = "{STRIPE_SECRET}"
-mapping = "{MAPPINGS / 'stripe.toml'}"
+mapping = "{MAPPINGS / "stripe.toml"}"
 
 [sources.site2]
 provider = "stripe"
 secret = "{STRIPE_SECRET}"
-mapping = "{MAPPINGS / 'stripe.toml'}"
+mapping = "{MAPPINGS / "stripe.toml"}"
 website_id = 2
 """
 
@@ -114,15 +118,18 @@ def test_404_on_one_website_does_not_slow_another(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
     sandbox.fault(status=404, for_website=2)
-    relay = relay_factory(sandbox, sources=two_websites(),
-                          track='max_backoff = "1s"\nflush_interval = "100ms"')
+    relay = relay_factory(
+        sandbox, sources=two_websites(), track='max_backoff = "1s"\nflush_interval = "100ms"'
+    )
     post_events(relay, 5, "site2")
     assert wait_until(lambda: bool(relay.runtime.forwarder.paused()), timeout=5)
     started = time.monotonic()
     post_events(relay, 5, "site1")
     assert wait_until(lambda: len(sandbox.events(1)) == 5, timeout=5)
     assert time.monotonic() - started < 2.0
-    assert list(relay.runtime.forwarder.paused()) == [relay.config.sources["site2"].destination.name]
+    assert list(relay.runtime.forwarder.paused()) == [
+        relay.config.sources["site2"].destination.name
+    ]
     assert sandbox.events(2) == []
     sandbox.clear_faults()
     assert wait_until(lambda: len(sandbox.events(2)) == 5, timeout=10)
@@ -149,16 +156,24 @@ def test_invalid_events_are_found_by_bisection_and_dead_lettered(
 
     def insert(conn: sqlite3.Connection) -> list[int]:
         return [
-            int(conn.execute(
-                "INSERT INTO outbox (destination, body, created_at) VALUES (?, ?, ?)", (dest, b, now)
-            ).lastrowid or 0)
+            int(
+                conn.execute(
+                    "INSERT INTO outbox (destination, body, created_at) VALUES (?, ?, ?)",
+                    (dest, b, now),
+                ).lastrowid
+                or 0
+            )
             for b in bodies
         ]
 
     ids = relay.runtime.store.writer.call(insert)
     relay.runtime.forwarder.notify(dest)
-    assert wait_until(lambda: outbox_states(relay.config.relay.database).get(ops.PENDING, 0) == 0
-                      and outbox_states(relay.config.relay.database).get(ops.IN_FLIGHT, 0) == 0)
+    assert wait_until(
+        lambda: (
+            outbox_states(relay.config.relay.database).get(ops.PENDING, 0) == 0
+            and outbox_states(relay.config.relay.database).get(ops.IN_FLIGHT, 0) == 0
+        )
+    )
     delivered = sorted(int(e["payload"]["n"]) for e in sandbox.events())
     assert delivered == [i for i in range(25) if i not in (3, 11, 19)]
     conn = sqlite3.connect(relay.config.relay.database)
@@ -168,7 +183,9 @@ def test_invalid_events_are_found_by_bisection_and_dead_lettered(
     assert all("validation_error" in d[1] for d in dead)
 
 
-def test_429_waits_retry_after_then_goes_on(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
+def test_429_waits_retry_after_then_goes_on(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
     sandbox.fault(status=429, retry_after=2, count=1)
     relay = relay_factory(sandbox, track='flush_interval = "100ms"')
     post_events(relay, 3)
@@ -182,7 +199,9 @@ def test_broken_answers_are_retried(sandbox: Sandbox, relay_factory: Callable[..
     sandbox.fault(malformed=True, count=1)
     sandbox.fault(drop=True, count=1)
     sandbox.fault(status=503, latency_ms=1500, count=1)  # slower than the relay's timeout
-    relay = relay_factory(sandbox, track='flush_interval = "100ms"\ntimeout = "500ms"\nmax_backoff = "500ms"')
+    relay = relay_factory(
+        sandbox, track='flush_interval = "100ms"\ntimeout = "500ms"\nmax_backoff = "500ms"'
+    )
     order_ids = post_events(relay, 4)
     assert wait_until(lambda: len(sandbox.events()) >= 4, timeout=15)
     time.sleep(2)
@@ -193,8 +212,11 @@ def test_events_too_old_go_to_the_dead_letter_queue_with_the_last_error(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
     sandbox.fault(status=500)
-    relay = relay_factory(sandbox, track='flush_interval = "100ms"\nmax_event_age = "1s"\nmax_backoff = "300ms"',
-                          housekeeping_interval=0.2)
+    relay = relay_factory(
+        sandbox,
+        track='flush_interval = "100ms"\nmax_event_age = "1s"\nmax_backoff = "300ms"',
+        housekeeping_interval=0.2,
+    )
     post_events(relay, 3)
     db = relay.config.relay.database
     assert wait_until(lambda: outbox_states(db) == {ops.DEAD: 3}, timeout=10)
@@ -205,7 +227,9 @@ def test_events_too_old_go_to_the_dead_letter_queue_with_the_last_error(
     assert sandbox.events() == []
 
 
-def test_retention_prunes_in_small_steps(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
+def test_retention_prunes_in_small_steps(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
     relay = relay_factory(sandbox, track='flush_interval = "100ms"')
     post_events(relay, 30)
     assert wait_until(lambda: len(sandbox.events()) == 30)
@@ -215,7 +239,9 @@ def test_retention_prunes_in_small_steps(sandbox: Sandbox, relay_factory: Callab
     conn = sqlite3.connect(db)
     conn.execute("UPDATE webhooks SET received_at = received_at - 8 * 86400")
     conn.execute("UPDATE dedupe SET seen_at = seen_at - 8 * 86400")
-    conn.execute("UPDATE outbox SET done_at = done_at - 8 * 86400, created_at = created_at - 8 * 86400")
+    conn.execute(
+        "UPDATE outbox SET done_at = done_at - 8 * 86400, created_at = created_at - 8 * 86400"
+    )
     conn.commit()
     steps = []
     while True:
@@ -236,19 +262,30 @@ def test_retention_keeps_dead_letters_and_their_webhooks(tmp_path: Path) -> None
     conn = connect(tmp_path / "r.db")
     migrate(conn)
     old = time.time() - 30 * 86400
-    conn.execute("INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
-                 "VALUES (1, 's', ?, 'application/json', '{}', x'7b7d')", (old,))
-    conn.execute("INSERT INTO events (id, webhook_id, source, key, type, outcome, received_at) "
-                 "VALUES (1, 1, 's', 'k', 't', 'mapped', ?)", (old,))
-    conn.execute("INSERT INTO outbox (destination, event_id, body, created_at, state, done_at) "
-                 "VALUES ('d', 1, '{}', ?, 3, ?)", (old, old))
+    conn.execute(
+        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
+        "VALUES (1, 's', ?, 'application/json', '{}', x'7b7d')",
+        (old,),
+    )
+    conn.execute(
+        "INSERT INTO events (id, webhook_id, source, key, type, outcome, received_at) "
+        "VALUES (1, 1, 's', 'k', 't', 'mapped', ?)",
+        (old,),
+    )
+    conn.execute(
+        "INSERT INTO outbox (destination, event_id, body, created_at, state, done_at) "
+        "VALUES ('d', 1, '{}', ?, 3, ?)",
+        (old, old),
+    )
     while ops.prune(conn, time.time(), 48 * 3600, 7 * 86400):
         pass
     assert conn.execute("SELECT count(*) FROM webhooks").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
 
 
-def test_dedupe_keys_expire_after_the_window(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
+def test_dedupe_keys_expire_after_the_window(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
     relay = relay_factory(sandbox, relay='dedupe_window = "1s"\nretention = "1s"')
     event = stripe_event()
     assert relay.post("stripe", *stripe_post(event)).json()["accepted"] == 1

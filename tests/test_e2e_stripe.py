@@ -48,7 +48,9 @@ def test_concurrent_events_and_retries_become_exactly_one_track_event_each(
     retries = [stripe_post(e, timestamp=int(time.time()) - 30) for e, _ in events]
     url = f"{relay.url}/webhooks/stripe"
     answers = asyncio.run(post_all(url, first + retries))
-    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert all(r.status_code == 200 for r in answers), [
+        r.text for r in answers if r.status_code != 200
+    ]
     bodies = [r.json() for r in answers]
     assert sum(b["accepted"] for b in bodies) == 60
     assert sum(b["duplicates"] for b in bodies) == 60
@@ -70,7 +72,9 @@ def test_concurrent_events_and_retries_become_exactly_one_track_event_each(
     assert requests["by_status"] == {"200": requests["total"]}
 
 
-def test_a_retry_after_the_answer_is_a_duplicate(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
+def test_a_retry_after_the_answer_is_a_duplicate(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
     relay = relay_factory(sandbox)
     event, _ = checkout()
     r1 = relay.post("stripe", *stripe_post(event))
@@ -142,14 +146,16 @@ def test_bad_signatures_get_401_and_store_nothing(
     assert count(db, "outbox") == 0
 
 
-def test_secret_rotation_accepts_either_secret(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
+def test_secret_rotation_accepts_either_secret(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
     from tests.conftest import MAPPINGS
 
     sources = f"""
 [sources.stripe]
 provider = "stripe"
 secret = ["whsec_new_secret", "whsec_old_secret"]
-mapping = "{MAPPINGS / 'stripe.toml'}"
+mapping = "{MAPPINGS / "stripe.toml"}"
 """
     relay = relay_factory(sandbox, sources=sources)
     for secret in ("whsec_new_secret", "whsec_old_secret"):

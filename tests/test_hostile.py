@@ -14,7 +14,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,11 @@ HUBSPOT = "hubspot-client-secret"
 STANDARD = "whsec_" + base64.b64encode(b"hostile-standard-secret-bytes").decode()
 HMAC = "shopify-secret"
 PROVIDERS = ["stripe", "mailgun", "sendgrid", "hubspot", "standard", "hmac"]
-SETTINGS = settings(max_examples=60, deadline=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 class Env:
@@ -51,8 +54,10 @@ class Env:
     def rows(self) -> int:
         conn = sqlite3.connect(self.db)
         try:
-            return sum(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                       for t in ("webhooks", "events", "outbox", "dedupe"))
+            return sum(
+                conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("webhooks", "events", "outbox", "dedupe")
+            )
         finally:
             conn.close()
 
@@ -79,27 +84,27 @@ website_id = 1
 [sources.stripe]
 provider = "stripe"
 secret = "{STRIPE}"
-mapping = "{MAPPINGS / 'stripe.toml'}"
+mapping = "{MAPPINGS / "stripe.toml"}"
 
 [sources.mailgun]
 provider = "mailgun"
 secret = "{MAILGUN}"
-mapping = "{MAPPINGS / 'mailgun.toml'}"
+mapping = "{MAPPINGS / "mailgun.toml"}"
 
 [sources.sendgrid]
 provider = "sendgrid"
 public_key = "{public}"
-mapping = "{MAPPINGS / 'sendgrid.toml'}"
+mapping = "{MAPPINGS / "sendgrid.toml"}"
 
 [sources.hubspot]
 provider = "hubspot"
 secret = "{HUBSPOT}"
-mapping = "{MAPPINGS / 'hubspot.toml'}"
+mapping = "{MAPPINGS / "hubspot.toml"}"
 
 [sources.standard]
 provider = "standard"
 secret = "{STANDARD}"
-mapping = "{MAPPINGS / 'standard.toml'}"
+mapping = "{MAPPINGS / "standard.toml"}"
 
 [sources.hmac]
 provider = "hmac"
@@ -108,7 +113,7 @@ signature_header = "X-Shopify-Hmac-SHA256"
 encoding = "base64"
 id_header = "X-Shopify-Webhook-Id"
 type_header = "X-Shopify-Topic"
-mapping = "{MAPPINGS / 'standard.toml'}"
+mapping = "{MAPPINGS / "standard.toml"}"
 """)
     relay = ThreadedServer(create_app(load_config(tmp / "relay.toml"))).start()
     yield Env(relay.url, db, private)
@@ -122,7 +127,8 @@ def signed(env: Env, provider: str, body: bytes) -> tuple[bytes, dict[str, str]]
     ct = {"content-type": "application/json"}
     if provider == "stripe":
         header = stripe.WebhookSignature.generate_signature_header(
-            body.decode("utf-8", "replace"), STRIPE, timestamp=now)
+            body.decode("utf-8", "replace"), STRIPE, timestamp=now
+        )
         return body.decode("utf-8", "replace").encode(), {**ct, "stripe-signature": header}
     if provider == "mailgun":
         # Mailgun signs timestamp + token, inside the body: garbage goes in event-data.
@@ -131,26 +137,47 @@ def signed(env: Env, provider: str, body: bytes) -> tuple[bytes, dict[str, str]]
             data: Any = json.loads(body)
         except ValueError:
             data = body.decode("utf-8", "replace")
-        doc = {"signature": {"timestamp": str(now), "token": token,
-                             "signature": mailgun.sign(MAILGUN, str(now), token)},
-               "event-data": data}
+        doc = {
+            "signature": {
+                "timestamp": str(now),
+                "token": token,
+                "signature": mailgun.sign(MAILGUN, str(now), token),
+            },
+            "event-data": data,
+        }
         return json.dumps(doc).encode(), ct
     if provider == "sendgrid":
-        return body, {**ct, "x-twilio-email-event-webhook-timestamp": str(now),
-                      "x-twilio-email-event-webhook-signature": sendgrid.sign(env.private_key, str(now), body)}
+        return body, {
+            **ct,
+            "x-twilio-email-event-webhook-timestamp": str(now),
+            "x-twilio-email-event-webhook-signature": sendgrid.sign(
+                env.private_key, str(now), body
+            ),
+        }
     if provider == "hubspot":
         ts = str(now * 1000)
         url = f"{env.url}/webhooks/hubspot"
-        return body, {**ct, "x-hubspot-request-timestamp": ts,
-                      "x-hubspot-signature-v3": hubspot.sign_v3(HUBSPOT, "POST", url, body, ts)}
+        return body, {
+            **ct,
+            "x-hubspot-request-timestamp": ts,
+            "x-hubspot-signature-v3": hubspot.sign_v3(HUBSPOT, "POST", url, body, ts),
+        }
     if provider == "standard":
         text = body.decode("utf-8", "replace").encode()
         msg = "msg_" + uuid.uuid4().hex
-        return text, {**ct, "webhook-id": msg, "webhook-timestamp": str(now),
-                      "webhook-signature": standard.sign(STANDARD, msg, now, text)}
+        return text, {
+            **ct,
+            "webhook-id": msg,
+            "webhook-timestamp": str(now),
+            "webhook-signature": standard.sign(STANDARD, msg, now, text),
+        }
     digest = base64.b64encode(hmac.new(HMAC.encode(), body, hashlib.sha256).digest()).decode()
-    return body, {**ct, "x-shopify-hmac-sha256": digest, "x-shopify-webhook-id": uuid.uuid4().hex,
-                  "x-shopify-topic": "orders/create"}
+    return body, {
+        **ct,
+        "x-shopify-hmac-sha256": digest,
+        "x-shopify-webhook-id": uuid.uuid4().hex,
+        "x-shopify-topic": "orders/create",
+    }
 
 
 def check(env: Env, response: httpx.Response, before: int, allowed: set[int]) -> None:
@@ -163,31 +190,57 @@ def check(env: Env, response: httpx.Response, before: int, allowed: set[int]) ->
         assert env.rows() == before, "a refused request stored something"
 
 
-header_names = st.sampled_from([
-    "content-type", "stripe-signature", "x-twilio-email-event-webhook-signature",
-    "x-twilio-email-event-webhook-timestamp", "x-hubspot-signature-v3",
-    "x-hubspot-request-timestamp", "webhook-id", "webhook-timestamp", "webhook-signature",
-    "svix-signature", "x-shopify-hmac-sha256", "authorization", "x-random",
-])
-header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120).map(str.strip)
-content_types = st.sampled_from([
-    "application/json", "text/plain", "application/x-www-form-urlencoded",
-    "multipart/form-data; boundary=xyz", "multipart/form-data", "application/octet-stream",
-    "application/json; charset=latin-1", "",
-])
+header_names = st.sampled_from(
+    [
+        "content-type",
+        "stripe-signature",
+        "x-twilio-email-event-webhook-signature",
+        "x-twilio-email-event-webhook-timestamp",
+        "x-hubspot-signature-v3",
+        "x-hubspot-request-timestamp",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "svix-signature",
+        "x-shopify-hmac-sha256",
+        "authorization",
+        "x-random",
+    ]
+)
+header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=120).map(
+    str.strip
+)
+content_types = st.sampled_from(
+    [
+        "application/json",
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=xyz",
+        "multipart/form-data",
+        "application/octet-stream",
+        "application/json; charset=latin-1",
+        "",
+    ]
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
     max_leaves=25,
 )
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @SETTINGS
-@given(body=st.binary(max_size=2048), headers=st.dictionaries(header_names, header_values, max_size=6),
-       content_type=content_types)
-def test_random_bodies_and_headers_are_refused(env: Env, provider: str, body: bytes,
-                                               headers: dict[str, str], content_type: str) -> None:
+@given(
+    body=st.binary(max_size=2048),
+    headers=st.dictionaries(header_names, header_values, max_size=6),
+    content_type=content_types,
+)
+def test_random_bodies_and_headers_are_refused(
+    env: Env, provider: str, body: bytes, headers: dict[str, str], content_type: str
+) -> None:
     before = env.rows()
     r = env.post(provider, body, {**headers, "content-type": content_type})
     check(env, r, before, {400, 401})
@@ -195,8 +248,11 @@ def test_random_bodies_and_headers_are_refused(env: Env, provider: str, body: by
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @SETTINGS
-@given(data=st.one_of(st.binary(max_size=1024).map(lambda b: b),
-                      json_values.map(lambda v: json.dumps(v).encode())))
+@given(
+    data=st.one_of(
+        st.binary(max_size=1024).map(lambda b: b), json_values.map(lambda v: json.dumps(v).encode())
+    )
+)
 def test_valid_signatures_over_garbage(env: Env, provider: str, data: bytes) -> None:
     before = env.rows()
     body, headers = signed(env, provider, data)
@@ -208,7 +264,9 @@ def test_valid_signatures_over_garbage(env: Env, provider: str, data: bytes) -> 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @SETTINGS
 @given(cut=st.integers(min_value=1, max_value=200), content_type=content_types)
-def test_truncated_and_retyped_valid_webhooks(env: Env, provider: str, cut: int, content_type: str) -> None:
+def test_truncated_and_retyped_valid_webhooks(
+    env: Env, provider: str, cut: int, content_type: str
+) -> None:
     body, headers = signed(env, provider, json.dumps([{"id": "x" * 50, "type": "t"}]).encode())
     before = env.rows()
     r = env.post(provider, body[:-cut], headers)  # the signature no longer matches
@@ -241,5 +299,3 @@ def test_methods_and_paths_answer_json(env: Env) -> None:
     assert r.status_code == 405 and r.json()["ok"] is False
     r = env.client.post(f"{env.url}/nowhere")
     assert r.status_code == 404 and r.json()["ok"] is False
-
-

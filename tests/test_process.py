@@ -30,14 +30,26 @@ class RelayProcess:
     def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "relay", "serve", "--config", str(self.config),
-                 "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "relay",
+                    "serve",
+                    "--config",
+                    str(self.config),
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=0.5).status_code == 200:
+                if (
+                    httpx.get(f"http://127.0.0.1:{self.port}/healthz", timeout=0.5).status_code
+                    == 200
+                ):
                     return
             except httpx.HTTPError:
                 pass
@@ -62,7 +74,9 @@ def relay_process(tmp_path: Path) -> Callable[..., RelayProcess]:
 
     def make(sandbox: Sandbox, track: str = "", relay: str = "") -> RelayProcess:
         config = tmp_path / "relay.toml"
-        config.write_text(relay_toml(sandbox.base_url, tmp_path / "relay.db", track=track, relay=relay))
+        config.write_text(
+            relay_toml(sandbox.base_url, tmp_path / "relay.db", track=track, relay=relay)
+        )
         p = RelayProcess(config, free_port(), tmp_path / "relay.log")
         made.append(p)
         return p

@@ -51,7 +51,7 @@ def test_window_slides_one_request_at_a_time() -> None:
 
 
 def test_no_burst_after_a_quiet_minute_beyond_the_limit() -> None:
-    """A token bucket would allow limit + refill; the log never allows more than limit per window."""
+    """A token bucket would allow limit + refill; a log never allows more than limit a window."""
     clock = Clock()
     limiter = SlidingWindowLimiter(10, window=60, margin=0, clock=clock)
     sent: list[float] = []

@@ -35,7 +35,10 @@ def build_source_parts(provider_name: str, table: ConfigTable) -> tuple[Provider
     """
     cls = provider_class(provider_name)
     if cls is None:
-        table.fail("provider", f"unknown provider {provider_name!r} (known: {', '.join(sorted(PROVIDERS))})")
+        table.fail(
+            "provider",
+            f"unknown provider {provider_name!r} (known: {', '.join(sorted(PROVIDERS))})",
+        )
     verify = table._raw("verify", "signature", False)
     if verify is False:
         return cls.from_config(table, signed=False), None

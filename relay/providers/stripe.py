@@ -42,7 +42,9 @@ class StripeProvider(Provider):
         try:
             payload = request.body.decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidSignature("body is not UTF-8, so it cannot carry a Stripe signature") from None
+            raise InvalidSignature(
+                "body is not UTF-8, so it cannot carry a Stripe signature"
+            ) from None
         reason = "no signature matches"
         for secret in self.secrets:
             try:
@@ -84,7 +86,9 @@ class StripeProvider(Provider):
 def sign(body: bytes, secret: str, timestamp: int | None = None) -> str:
     """A Stripe-Signature header for body, as Stripe makes it."""
     ts = int(time.time()) if timestamp is None else timestamp
-    header: str = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=ts)
+    header: str = stripe.WebhookSignature.generate_signature_header(
+        body.decode(), secret, timestamp=ts
+    )
     return header
 
 
