@@ -1,0 +1,339 @@
+"""Mailgun: hex HMAC-SHA256(signing key, timestamp + token), carried inside the body.
+
+Two shapes arrive. JSON webhooks hold a ``signature`` block and one ``event-data`` object.
+Legacy webhooks are forms (urlencoded or multipart) whose flat fields are the event, with
+``timestamp``, ``token`` and ``signature`` among them. Mailgun signs timestamp and token only,
+never the event: :class:`TokenLedger` says what that means for replays.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+import hashlib
+import hmac
+import json
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from secrets import token_hex, token_urlsafe
+from typing import Any
+from urllib.parse import parse_qsl
+
+from relay.config import ConfigTable, Secret
+from relay.errors import ConfigError, InvalidBody, InvalidSignature
+from relay.providers.base import (
+    Provider,
+    ProviderEvent,
+    Sample,
+    WebhookRequest,
+    check_age,
+    json_body,
+)
+
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+_MAX_FORM_FIELDS = 1000
+
+
+def sign(key: str, timestamp: str, token: str) -> str:
+    """The signature Mailgun computes: hex HMAC-SHA256 of timestamp + token."""
+    return hmac.new(key.encode(), (timestamp + token).encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class _Webhook:
+    """A decoded body: where the signature fields are and what the event is."""
+
+    signature: Mapping[str, Any] | None  # None: the JSON body has no signature block
+    event: Any  # event-data (JSON) or the flat form fields (legacy); checked by _event
+    legacy: bool
+
+
+class TokenLedger:
+    """Which event each recently verified token vouched for.
+
+    A Mailgun signature covers timestamp + token, not the event, so a signature block lifted
+    from one webhook verifies on any body while its timestamp is fresh. A retry by Mailgun
+    resends the same token with the same event, and the dedupe layer answers it 200 as a
+    duplicate: a repeated token is therefore not refused as such (refusing it would turn
+    legitimate retries into lost events). A token that comes back vouching for a *different*
+    event is a forgery, and that is refused. The ledger lives in memory: after a restart it is
+    empty, but a token older than the tolerance is refused anyway, so the gap is one window.
+    """
+
+    def __init__(self, limit: int = 200_000):
+        self.limit = limit
+        self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token -> (key, expiry)
+        self._lock = threading.Lock()
+
+    def claim(self, token: str, key: str, expires: float, now: float) -> None:
+        with self._lock:
+            seen = self._seen
+            # Insertion order is close to expiry order; what this misses goes on a later pass.
+            while seen and (len(seen) >= self.limit or next(iter(seen.values()))[1] < now):
+                seen.popitem(last=False)
+            previous = seen.get(token)
+            if previous is None:
+                seen[token] = (key, expires)
+            elif not hmac.compare_digest(previous[0].encode(), key.encode()):
+                raise InvalidSignature("token already used for another event")
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+class MailgunProvider(Provider):
+    kind = "mailgun"
+    sample_types = (
+        "delivered",
+        "opened",
+        "clicked",
+        "unsubscribed",
+        "failed",
+        "complained",
+        "accepted",
+    )
+
+    def __init__(
+        self,
+        secrets: tuple[Secret, ...],
+        tolerance: float = 900.0,
+        *,
+        config_file: str | None = None,
+        secret_key: str = "secret",
+    ):
+        self.secrets = secrets
+        self.tolerance = tolerance
+        self.ledger = TokenLedger()
+        self._config_file = config_file  # where `secret` would be set, for send-test's error
+        self._secret_key = secret_key
+
+    @classmethod
+    def from_config(cls, table: ConfigTable, signed: bool = True) -> MailgunProvider:
+        return cls(
+            table.secrets("secret", ... if signed else ()),
+            table.duration("tolerance", "15m"),
+            config_file=str(table.file),
+            secret_key=table.key("secret"),
+        )
+
+    def verify(self, request: WebhookRequest) -> None:
+        hook = _decode(request)
+        sig = hook.signature
+        if sig is None:
+            raise InvalidSignature("missing signature block")
+        timestamp, token = _text(sig.get("timestamp")), _text(sig.get("token"))
+        # `parent-signature` is the same HMAC under the parent account's key (subaccounts).
+        given = [sig.get("signature"), sig.get("parent-signature")]
+        offered = [g.strip().lower().encode() for g in given if isinstance(g, str) and g]
+        if timestamp is None or token is None or not offered:
+            raise InvalidSignature("missing signature: timestamp, token and signature must be set")
+        expected = [sign(s.reveal(), timestamp, token).encode() for s in self.secrets]
+        # Compare every pair, so the time taken says nothing about which one matched.
+        ok = [hmac.compare_digest(e, o) for e in expected for o in offered]
+        if not any(ok):
+            raise InvalidSignature("no signature matches")
+        ts = check_age(timestamp, request.received_at, self.tolerance)
+        try:
+            key = _event(hook)[0]
+        except InvalidBody:
+            return  # authentic but unusable: parse() refuses it, there is nothing to bind
+        self.ledger.claim(token, key, ts + self.tolerance, request.received_at)
+
+    def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
+        key, event_type, data = _event(_decode(request))
+        return [ProviderEvent(key=key, type=event_type, data=data)]
+
+    def sample(self, event_type: str | None, url: str, now: float) -> Sample:
+        if not self.secrets:
+            raise ConfigError(self._config_file, self._secret_key, "is needed to sign samples")
+        timestamp, token = str(int(now)), token_hex(25)
+        body = {
+            "signature": {
+                "timestamp": timestamp,
+                "token": token,
+                "signature": sign(self.secrets[0].reveal(), timestamp, token),
+            },
+            "event-data": sample_event(event_type or self.sample_types[0], now),
+        }
+        return Sample(
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            headers={"content-type": "application/json"},
+        )
+
+
+def _text(value: Any) -> str | None:
+    """A signature field as Mailgun signed it: the docs show strings, and say `int`."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _decode(request: WebhookRequest) -> _Webhook:
+    kind = request.content_type
+    if kind == "application/json":
+        body = json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidBody("a Mailgun webhook is a JSON object")
+        signature = body.get("signature")
+        block = signature if isinstance(signature, dict) else None
+        return _Webhook(block, body.get("event-data"), legacy=False)
+    if kind in FORM_TYPES:
+        fields = form_fields(request)
+        return _Webhook(fields, fields, legacy=True)
+    raise InvalidBody(f"Mailgun posts JSON or forms, not {kind or 'a body without a content type'}")
+
+
+def _event(hook: _Webhook) -> tuple[str, str, Mapping[str, Any]]:
+    """(dedupe key, type, data) of a decoded webhook, or InvalidBody."""
+    event = hook.event
+    if not isinstance(event, dict):
+        raise InvalidBody("the webhook has no event-data object")
+    event_type = event.get("event")
+    if not isinstance(event_type, str) or not event_type:
+        raise InvalidBody("the event has no `event` type")
+    if hook.legacy:
+        # The form's token is unique per webhook and kept by Mailgun's retries: the one id
+        # that tells apart two events of a message (opened twice) and matches a retry to its
+        # first try. Message-Id names the message, not the event, so it cannot be the key.
+        token, timestamp = event.get("token"), event.get("timestamp")
+        if not token or not timestamp:
+            raise InvalidBody("the form has no token or timestamp")
+        return f"{token}:{timestamp}", event_type, event
+    # event-data.id is only unique within a day; with the event's timestamp it is unique.
+    event_id, timestamp = event.get("id"), event.get("timestamp")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidBody("the event has no id")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float | str) or not timestamp:
+        raise InvalidBody("the event has no timestamp")
+    stamp = timestamp if isinstance(timestamp, str) else json.dumps(timestamp)
+    return f"{event_id}:{stamp}", event_type, event
+
+
+def form_fields(request: WebhookRequest) -> dict[str, str]:
+    """The fields of a urlencoded or multipart form; a repeated field keeps its last value."""
+    try:
+        if request.content_type == "application/x-www-form-urlencoded":
+            pairs = parse_qsl(
+                request.body.decode("utf-8"),
+                keep_blank_values=True,
+                errors="strict",
+                max_num_fields=_MAX_FORM_FIELDS,
+            )
+            return dict(pairs)
+        return _multipart(request.header("content-type") or "", request.body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidBody(f"malformed form: {e}") from None
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, str]:
+    """multipart/form-data by the standard library's MIME parser, strictly.
+
+    File parts (with a filename: attachments of a bounced message) are skipped; the event is
+    the text fields.
+    """
+    if "\r" in content_type or "\n" in content_type:
+        raise ValueError("bad content type")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not message.is_multipart() or message.defects:
+        raise ValueError("not a complete multipart body")
+    fields: dict[str, str] = {}
+    for count, part in enumerate(message.iter_parts()):
+        if count >= _MAX_FORM_FIELDS:
+            raise ValueError("too many parts")
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, tuple):  # RFC 2231: name*=utf-8''...
+            name = email.utils.collapse_rfc2231_value(name)
+        if part.get_content_disposition() != "form-data" or not isinstance(name, str):
+            raise ValueError("a part is not a named form-data field")
+        if part.get_filename() is not None or part.is_multipart():
+            continue
+        payload = part.get_payload(decode=True)
+        if part.defects or not isinstance(payload, bytes):
+            raise ValueError(f"field {name!r} is malformed")
+        fields[name] = payload.decode("utf-8")
+    return fields
+
+
+def _id(size: int = 22) -> str:
+    return token_urlsafe(size)[:size]
+
+
+def sample_event(event_type: str, now: float) -> dict[str, Any]:
+    """A realistic Mailgun `event-data` object of that type."""
+    recipient = "alice@example.com"
+    domain = "mg.example.com"
+    message_id = f"20240501{uuid.uuid4().hex[:16]}.{uuid.uuid4().hex[:8]}@{domain}"
+    event: dict[str, Any] = {
+        "id": _id(),
+        "timestamp": round(now, 6),
+        "log-level": "info",
+        "event": event_type,
+        "recipient": recipient,
+        "recipient-domain": "example.com",
+        "message": {
+            "headers": {
+                "to": f"Alice <{recipient}>",
+                "message-id": message_id,
+                "from": f"Example <news@{domain}>",
+                "subject": "Our spring release",
+            },
+            "attachments": [],
+            "size": 18432,
+        },
+        "tags": ["newsletter", "spring-release"],
+        "campaigns": [],
+        "user-variables": {"visitor_id": str(uuid.uuid4()), "campaign_id": "spring-2024"},
+        "flags": {"is-routed": False, "is-authenticated": True, "is-test-mode": False},
+    }
+    client = {
+        "geolocation": {"country": "US", "region": "CA", "city": "San Francisco"},
+        "ip": "203.0.113.7",
+        "client-info": {
+            "client-type": "browser",
+            "client-os": "macOS",
+            "device-type": "desktop",
+            "client-name": "Firefox",
+            "user-agent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 14.4; rv:125.0) "
+            "Gecko/20100101 Firefox/125.0",
+        },
+    }
+    if event_type == "delivered":
+        event["envelope"] = {"transport": "smtp", "sender": f"news@{domain}", "targets": recipient}
+        event["delivery-status"] = {
+            "tls": True,
+            "mx-host": "mx.example.com",
+            "code": 250,
+            "description": "",
+            "message": "OK",
+            "attempt-no": 1,
+            "session-seconds": 0.433,
+            "certificate-verified": True,
+        }
+    elif event_type in ("opened", "clicked", "unsubscribed"):
+        event.update(client)
+        if event_type == "clicked":
+            event["url"] = "https://example.com/pricing?utm_source=newsletter"
+    elif event_type == "failed":
+        event["severity"] = "permanent"
+        event["reason"] = "bounce"
+        event["envelope"] = {"transport": "smtp", "sender": f"news@{domain}", "targets": recipient}
+        event["delivery-status"] = {
+            "mx-host": "mx.example.com",
+            "code": 550,
+            "description": "",
+            "message": "5.1.1 The email account that you tried to reach does not exist.",
+            "attempt-no": 1,
+            "session-seconds": 0.12,
+        }
+    elif event_type == "accepted":
+        event["method"] = "HTTP"
+        event["envelope"] = {"transport": "smtp", "sender": f"news@{domain}", "targets": recipient}
+    return event
