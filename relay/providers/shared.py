@@ -65,7 +65,13 @@ class SharedToken:
         field = table.string("token_field", None)
         if (header is None) == (field is None):
             table.fail("token_header", "say where the token is: token_header or token_field (one)")
-        return cls(token, header.lower() if header else None, field)
+        # An empty name would pass the check above and then match nothing, or crash verify().
+        for name, value in (("token_header", header), ("token_field", field)):
+            if value is not None and not value.strip():
+                table.fail(name, "is empty")
+        return cls(
+            token, header.strip().lower() if header else None, field.strip() if field else None
+        )
 
     def verify(self, request: WebhookRequest) -> None:
         if self.header:
