@@ -35,6 +35,7 @@ from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
 from relay.fitting import MAX_NAME, MAX_PAYLOAD_KEYS, MAX_URL, MAX_VALUE, TrackEvent, fit, is_uuid
 from relay.providers.base import ProviderEvent
+from relay.tomllines import KeyLines
 
 _TOP_KEYS = ("provider", "events", "examples")
 _RULE_KEYS = ("on", "if", "name", "visitor_id", "url", "referrer", "payload")
@@ -253,7 +254,7 @@ class Mapping:
         shown = {k.lower(): v for k, v in headers.items() if k.lower() not in _HIDDEN_HEADERS}
         return {
             **self._globals,
-            **data,
+            **(data if isinstance(data, cabc.Mapping) else {}),  # a generic body may be a list
             "event": data,
             "type": event.type,
             "source": source,
@@ -446,70 +447,3 @@ def _type_name(value: Any) -> str:
         str: "a string", int: "an integer", float: "a number", bool: "a boolean",
         list: "a list", dict: "a table",
     }.get(type(value), type(value).__name__)
-
-
-class KeyLines:
-    """Where each key of a TOML text is set, for file:line messages (best effort).
-
-    Keys are spelled as in messages: ``events[2].payload.amount``, ``examples[0].input``. A key
-    set inside an inline table is found at the line of the table's own key.
-    """
-
-    _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
-    _PART = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
-    _KEY = re.compile(rf"^\s*({_PART}(?:\s*\.\s*{_PART})*)\s*=(.*)$")
-
-    def __init__(self, text: str):
-        self._lines: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        table = ""
-        closing: str | None = None
-        for n, line in enumerate(text.splitlines(), 1):
-            if closing is not None:
-                if line.count(closing) % 2 == 1:
-                    closing = None
-                continue
-            m = self._HEADER.match(line)
-            if m:
-                parts = self._split(m.group(2))
-                if m.group(1) == "[[":
-                    full = self._join(self._resolve(parts[:-1], counts), parts[-1])
-                    counts[full] = counts.get(full, -1) + 1
-                    table = f"{full}[{counts[full]}]"
-                else:
-                    table = self._resolve(parts, counts)
-                self._lines.setdefault(table, n)
-                continue
-            m = self._KEY.match(line)
-            if m:
-                self._lines.setdefault(self._join(table, ".".join(self._split(m.group(1)))), n)
-                for quote in ('"""', "'''"):
-                    if m.group(2).count(quote) % 2 == 1:
-                        closing = quote
-
-    @staticmethod
-    def _split(dotted: str) -> list[str]:
-        return [p.strip().strip("\"'") for p in re.findall(KeyLines._PART, dotted)]
-
-    @staticmethod
-    def _join(table: str, key: str) -> str:
-        return f"{table}.{key}" if table else key
-
-    @staticmethod
-    def _resolve(parts: list[str], counts: dict[str, int]) -> str:
-        resolved = ""
-        for part in parts:
-            resolved = KeyLines._join(resolved, part)
-            if resolved in counts:
-                resolved = f"{resolved}[{counts[resolved]}]"
-        return resolved
-
-    def line(self, key: str | None) -> int | None:
-        while key:
-            if key in self._lines:
-                return self._lines[key]
-            shorter = re.sub(r"(\.[^.\[\]]+|\[\d+\])$", "", key)
-            if shorter == key:
-                return None
-            key = shorter
-        return None

@@ -450,6 +450,24 @@ def test_apply_never_raises_whatever_the_data(
     mapping.apply(ev(types[type_index % len(types)], body), "stripe", {"x": "y"})  # no raise
 
 
+@pytest.mark.parametrize(
+    ("data", "payload"),
+    [
+        ([1, {"a": 2}], {"e": '[1,{"a":2}]'}),
+        ("text", {"e": "text"}),
+        (7, {"e": "7"}),
+        (None, {}),
+        ({1: "int key", "b": 2}, {"e": '{"1":"int key","b":2}', "b": "2"}),
+    ],
+)
+def test_event_data_of_any_shape_is_mapped(
+    make_mapping: MakeMapping, data: Any, payload: dict[str, str]
+) -> None:
+    fields = 'payload = { e = "{{ event }}", b = "{{ b }}" }'
+    m = make_mapping(f'[[events]]\non = "*"\nname = "n"\n{fields}\n')
+    assert only(m.apply(ProviderEvent("k", "t", data), "s", {})).payload == payload
+
+
 # --- webhook data is only data ----------------------------------------------------------------
 
 

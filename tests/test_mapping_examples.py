@@ -138,7 +138,8 @@ def test_a_matching_example_has_no_problems(tmp_path: Path, stripe: Provider) ->
          "payload.amount: not expected, got '49.99'"),  # ...but a payload is compared exactly
         ('{ name = "purchase", payload = { order_id = "cs_test_1", amount = "4999" } }',
          "payload.amount: expected '4999', got '49.99'"),
-        ('{ name = "purchase", payload = { order_id = "cs_test_1", amount = "49.99", plan = "pro" } }',
+        ('{ name = "purchase", payload = { order_id = "cs_test_1", amount = "49.99", '
+         'plan = "pro" } }',
          "payload.plan: expected 'pro', got nothing"),
         ('{ name = "purchase", visitor_id = "7c9e6679-7425-40de-944b-e07fc1f90ae7" }',
          "visitor_id: expected '7c9e6679-7425-40de-944b-e07fc1f90ae7', "
@@ -238,7 +239,10 @@ def test_examples_see_their_headers_and_source(tmp_path: Path, stripe: Provider)
         [[examples]]
         input = "examples/stripe/checkout.session.completed.json"
         headers = {{ "Webhook-Id" = "msg_1" }}
-        expect = [{CHECKOUT_EXPECT}, {{ name = "seen", payload = {{ id = "msg_1", source = "shop" }} }}]
+        expect = [
+          {CHECKOUT_EXPECT},
+          {{ name = "seen", payload = {{ id = "msg_1", source = "shop" }} }},
+        ]
         """,
         rules,
     )
