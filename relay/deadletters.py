@@ -37,8 +37,9 @@ class DeadLetter:
 
 
 _SELECT = (
-    "SELECT o.id, o.destination, e.source, e.key, e.type, o.rule, o.body, o.last_error, o.attempts, "
-    "o.created_at, o.done_at, e.webhook_id FROM outbox o LEFT JOIN events e ON e.id = o.event_id "
+    "SELECT o.id, o.destination, e.source, e.key, e.type, o.rule, o.body, o.last_error, "
+    "o.attempts, o.created_at, o.done_at, e.webhook_id "
+    "FROM outbox o LEFT JOIN events e ON e.id = o.event_id "
 )
 
 
@@ -64,8 +65,12 @@ def webhook(conn: sqlite3.Connection, webhook_id: int) -> dict[str, Any] | None:
     if r is None:
         return None
     return {
-        "id": r["id"], "source": r["source"], "received_at": r["received_at"],
-        "content_type": r["content_type"], "headers": json.loads(r["headers"]), "body": bytes(r["body"]),
+        "id": r["id"],
+        "source": r["source"],
+        "received_at": r["received_at"],
+        "content_type": r["content_type"],
+        "headers": json.loads(r["headers"]),
+        "body": bytes(r["body"]),
     }
 
 
@@ -73,8 +78,9 @@ class ReplayError(Exception):
     pass
 
 
-def remap(conn: sqlite3.Connection, config: Config, mappings: dict[str, Mapping],
-          dl: DeadLetter) -> str:
+def remap(
+    conn: sqlite3.Connection, config: Config, mappings: dict[str, Mapping], dl: DeadLetter
+) -> str:
     """The dead letter's event mapped again by its rule with the current mapping (JSON body)."""
     if dl.webhook_id is None or dl.source is None:
         raise ReplayError(f"dead letter {dl.id}: its webhook is not stored, cannot remap")
@@ -98,12 +104,19 @@ def remap(conn: sqlite3.Connection, config: Config, mappings: dict[str, Mapping]
     raise ReplayError(f"dead letter {dl.id}: rule {dl.rule} no longer makes an event for it")
 
 
-def replay(conn: sqlite3.Connection, config: Config, ids: list[int] | None, do_remap: bool,
-           now: float | None = None) -> tuple[list[int], list[str]]:
+def replay(
+    conn: sqlite3.Connection,
+    config: Config,
+    ids: list[int] | None,
+    do_remap: bool,
+    now: float | None = None,
+) -> tuple[list[int], list[str]]:
     """Queue dead letters again. Returns (replayed ids, problems)."""
     now = time.time() if now is None else now
     if ids is None:
-        targets = [_row(r) for r in conn.execute(_SELECT + "WHERE o.state = ? ORDER BY o.id", (DEAD,))]
+        targets = [
+            _row(r) for r in conn.execute(_SELECT + "WHERE o.state = ? ORDER BY o.id", (DEAD,))
+        ]
     else:
         targets = []
         for i in ids:

@@ -35,4 +35,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # Client libraries log each request at INFO/DEBUG: noise, and a debug line could carry a
+    # header. The relay logs its own one line per batch instead.
+    for name in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,224 @@
+"""relay.toml: every mistake is one line naming file, key and reason; secrets never show."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from relay.cli import main
+from relay.config import Secret, format_duration, load_config, parse_duration
+from tests.conftest import MAPPINGS
+
+API_KEY = "sk_live_CONFIGTEST_0123456789abcdef"
+WEBHOOK_SECRET = "whsec_CONFIGTEST_fedcba9876543210"
+
+BASE = f"""\
+[relay]
+database = "relay.db"
+dedupe_window = "48h"
+
+[track]
+base_url = "http://127.0.0.1:9/api/v1"
+api_key = "{API_KEY}"
+website_id = 1
+batch_size = 25
+flush_interval = "5s"
+
+[sources.stripe]
+provider = "stripe"
+secret = "{WEBHOOK_SECRET}"
+mapping = "mappings/stripe.toml"
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "mappings").symlink_to(MAPPINGS, target_is_directory=True)
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+# (case, change to BASE, key named, reason fragment)
+MISTAKES = [
+    (
+        "unset variable",
+        ('api_key = "' + API_KEY + '"', 'api_key = "${RELAY_TEST_NOT_SET}"'),
+        "track.api_key",
+        "environment variable RELAY_TEST_NOT_SET is not set",
+    ),
+    ("unknown key", ("batch_size = 25", "batch_sise = 25"), "track.batch_sise", "unknown key"),
+    (
+        "wrong type",
+        ("website_id = 1", 'website_id = "one"'),
+        "track.website_id",
+        "must be an integer, not a string",
+    ),
+    (
+        "bad duration",
+        ('flush_interval = "5s"', 'flush_interval = "5 parsecs"'),
+        "track.flush_interval",
+        "is not a duration",
+    ),
+    (
+        "batch_size 0",
+        ("batch_size = 25", "batch_size = 0"),
+        "track.batch_size",
+        "must be between 1 and 25, not 0",
+    ),
+    (
+        "batch_size 26",
+        ("batch_size = 25", "batch_size = 26"),
+        "track.batch_size",
+        "must be between 1 and 25, not 26",
+    ),
+    (
+        "unknown provider",
+        ('provider = "stripe"', 'provider = "paypal"'),
+        "sources.stripe.provider",
+        "unknown provider 'paypal'",
+    ),
+    (
+        "missing mapping file",
+        ('mapping = "mappings/stripe.toml"', 'mapping = "mappings/nope.toml"'),
+        "sources.stripe.mapping",
+        "nope.toml not found",
+    ),
+    (
+        "secret of the wrong type",
+        ('secret = "' + WEBHOOK_SECRET + '"', 'secret = ["' + WEBHOOK_SECRET + '", 7]'),
+        "sources.stripe.secret",
+        "list of strings",
+    ),
+    ("TOML syntax error", ("website_id = 1", "website_id = = 1"), None, "invalid TOML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "reason"),
+    [m[1:] for m in MISTAKES],
+    ids=[m[0] for m in MISTAKES],
+)
+def test_each_mistake_is_one_line_naming_file_key_and_reason(
+    folder: Path, change: tuple[str, str], key: str | None, reason: str
+) -> None:
+    assert change[0] in BASE
+    path = write(folder, BASE.replace(change[0], change[1]))
+    result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith(f"relay: {path}:"), line  # file:line
+    if key is not None:
+        assert f": {key}: " in line, line
+    assert reason in line, line
+    assert "Traceback" not in result.stderr
+    assert API_KEY not in line and WEBHOOK_SECRET not in line
+
+
+def test_the_line_number_points_at_the_key(folder: Path) -> None:
+    path = write(folder, BASE.replace("batch_size = 25", "batch_size = 99"))
+    line_no = BASE.splitlines().index("batch_size = 25") + 1
+    result = CliRunner().invoke(main, ["serve", "--config", str(path)])
+    assert result.stderr.startswith(f"relay: {path}:{line_no}: track.batch_size: ")
+
+
+def test_a_real_process_exits_1_with_one_line_on_stderr(folder: Path) -> None:
+    path = write(folder, BASE.replace("website_id = 1", "website_id = 0"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "track.website_id: must be >= 1, not 0" in proc.stderr
+
+
+def test_a_missing_config_file_says_how_to_name_one(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"relay: {tmp_path / 'nope.toml'}: file not found (pass --config or set RELAY_CONFIG)"
+    )
+
+
+def test_relay_config_variable_names_the_file(folder: Path) -> None:
+    path = write(folder, BASE.replace("website_id = 1", "website_id = -1"))
+    result = CliRunner().invoke(main, ["check"], env={"RELAY_CONFIG": str(path)})
+    assert result.exit_code == 1
+    assert str(path) in result.stderr and "track.website_id" in result.stderr
+
+
+def test_secrets_are_redacted_in_repr_and_str(folder: Path) -> None:
+    config = load_config(write(folder, BASE))
+    assert config.track.api_key.reveal() == API_KEY
+    source = config.sources["stripe"]
+    assert source.destination.api_key.reveal() == API_KEY
+    for shown in (repr(config), str(config), repr(config.track), repr(source), str(source)):
+        assert API_KEY not in shown
+        assert WEBHOOK_SECRET not in shown
+    assert "**********" in repr(config.track)
+    secret = Secret(WEBHOOK_SECRET)
+    assert WEBHOOK_SECRET not in f"{secret} {secret!r} {[secret]}"
+    # The destination's name is a fingerprint of the key, not the key.
+    assert API_KEY not in source.destination.name
+
+
+def test_variables_with_defaults(folder: Path) -> None:
+    text = BASE.replace("website_id = 1", 'website_id = "${RELAY_TEST_WEBSITE:-7}"').replace(
+        'api_key = "' + API_KEY + '"', 'api_key = "${RELAY_TEST_KEY}"'
+    )
+    path = write(folder, text)
+    config = load_config(path, env={"RELAY_TEST_KEY": "sk_from_env"})
+    assert config.track.website_id == 7
+    assert config.track.api_key.reveal() == "sk_from_env"
+    config = load_config(path, env={"RELAY_TEST_KEY": "k", "RELAY_TEST_WEBSITE": "3"})
+    assert config.track.website_id == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("5s", 5), ("10m", 600), ("48h", 172800), ("7d", 604800), ("1h30m", 5400)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "5 s", "s", "1x", "1h 30m", "-5s"])
+def test_bad_durations(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_durations_in_the_config(folder: Path) -> None:
+    text = BASE.replace('flush_interval = "5s"', 'flush_interval = "250ms"\ntimeout = 3')
+    config = load_config(write(folder, text))
+    assert config.track.flush_interval == 0.25
+    assert config.track.timeout == 3.0
+    assert config.relay.dedupe_window == 48 * 3600
+
+
+def test_relative_paths_are_relative_to_the_config_file(
+    folder: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(folder, BASE)
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    config = load_config(os.path.relpath(path))
+    assert config.relay.database == folder / "relay.db"
+    assert config.sources["stripe"].mapping == folder / "mappings" / "stripe.toml"
+    assert config.path == path
