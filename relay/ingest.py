@@ -15,6 +15,7 @@ from pathlib import Path
 from relay import store as ops
 from relay.config import Config, Source
 from relay.errors import ConfigError, InvalidBody, StoreError, Unavailable, UnknownSource
+from relay.examples import run_examples
 from relay.mapping import Mapping, MapResult, load_mapping
 from relay.metrics import Metrics
 from relay.providers.base import ProviderEvent, WebhookRequest
@@ -80,11 +81,22 @@ class Pipeline:
         self.mappings = load_mappings(config)
 
     def reload_mappings(self) -> bool:
-        """Load every mapping again; keep the old ones if any is broken."""
+        """Load every mapping again and run its examples; keep the old ones if any is broken."""
         try:
             fresh = load_mappings(self.config)
         except ConfigError as e:
             log.error("mapping reload refused, keeping the mappings in use: %s", e.message)
+            return False
+        problems = []
+        for name, mapping in fresh.items():
+            problems += [
+                str(p) for p in run_examples(mapping, self.config.sources[name].provider, name)
+            ]
+        if problems:
+            log.error(
+                "mapping reload refused, keeping the mappings in use: an example fails: %s",
+                "; ".join(problems[:3]),
+            )
             return False
         self.mappings = fresh
         log.info("mappings reloaded: %s", ", ".join(sorted({str(m.path) for m in fresh.values()})))
@@ -156,4 +168,6 @@ class Pipeline:
             self.metrics.events.labels(source.name, outcome).inc(n)
         if result.duplicates:
             self.metrics.events.labels(source.name, "duplicate").inc(result.duplicates)
+        for destination, n in result.dead.items():
+            self.metrics.dead_letters.labels(destination).inc(n)
         return Handled(result, len(events))

@@ -43,6 +43,7 @@ class IngestResult:
     webhook_id: int | None
     queued: dict[str, int]  # destination -> rows queued
     outcomes: dict[str, int] = field(default_factory=dict)  # fresh events by outcome
+    dead: dict[str, int] = field(default_factory=dict)  # destination -> mapping failures
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def ingest(
     )
     webhook_id = int(cur.lastrowid or 0)
     queued: dict[str, int] = {}
+    dead: dict[str, int] = {}
     outcomes: dict[str, int] = {}
     rows: list[tuple[Any, ...]] = []
     for ev in fresh:
@@ -113,8 +115,8 @@ def ingest(
                     received_at if state == DEAD else None,
                 )
             )
-            if state == PENDING:
-                queued[out.destination] = queued.get(out.destination, 0) + 1
+            counts = queued if state == PENDING else dead
+            counts[out.destination] = counts.get(out.destination, 0) + 1
     if rows:
         conn.executemany(
             "INSERT INTO outbox "
@@ -122,7 +124,7 @@ def ingest(
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
-    return IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes)
+    return IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes, dead)
 
 
 def queue_head(conn: sqlite3.Connection, destination: str, limit: int) -> tuple[int, float | None]:

@@ -228,3 +228,31 @@ def test_text_logs_are_one_readable_line_each(
         with pytest.raises(ValueError):
             json.loads(line)
     assert API_KEY not in relay.text() and STRIPE_SECRET not in relay.text()
+
+
+def test_reload_refuses_a_mapping_whose_examples_fail(
+    tmp_path: Path, sandbox: Sandbox, relay_factory: Callable[..., Any]
+) -> None:
+    import shutil
+
+    from tests.conftest import MAPPINGS
+
+    mappings = tmp_path / "mappings"
+    shutil.copytree(MAPPINGS, mappings)
+    sources = f"""
+[sources.stripe]
+provider = "stripe"
+secret = "{STRIPE_SECRET}"
+mapping = "{mappings / 'stripe.toml'}"
+"""
+    relay = relay_factory(sandbox, sources=sources)
+    pipeline = relay.runtime.pipeline
+    before = pipeline.mappings["stripe"]
+    text = (mappings / "stripe.toml").read_text()
+    # Still a valid file, but its own examples now disagree with it.
+    (mappings / "stripe.toml").write_text(text.replace('name = "purchase"', 'name = "order"', 1))
+    assert relay.runtime.reload() is False
+    assert pipeline.mappings["stripe"] is before
+    (mappings / "stripe.toml").write_text(text.replace("# A refund", "# Refunds", 1))
+    assert relay.runtime.reload() is True
+    assert pipeline.mappings["stripe"] is not before
