@@ -13,7 +13,7 @@ from relay.errors import ConfigError, StoreError
 if TYPE_CHECKING:
     import sqlite3
 
-    from relay.config import Config
+    from relay.config import Config, Source
 
 
 def fail(message: str) -> NoReturn:
@@ -151,6 +151,16 @@ def _reader(config: Config) -> sqlite3.Connection:
     return Store.reader_of(config.relay.database)
 
 
+def _source(config: Config, name: str) -> Source:
+    src = config.sources.get(name)
+    if src is None:
+        fail(
+            f"no source named {name!r} in {config.path} "
+            f"(sources: {', '.join(config.sources) or 'none'})"
+        )
+    return src
+
+
 def _setup_logs(log_format: str, log_level: str) -> None:
     from relay.logs import setup_logging
 
@@ -280,12 +290,7 @@ def send_test(
     import httpx
 
     config = _load(config_file, dev_fallback=True)
-    src = config.sources.get(source)
-    if src is None:
-        fail(
-            f"no source named {source!r} in {config.path} "
-            f"(sources: {', '.join(config.sources) or 'none'})"
-        )
+    src = _source(config, source)
     known = src.provider.sample_types
     if event_type is not None and known and event_type not in known:
         fail(f"{src.provider.kind} samples: {', '.join(known)} (not {event_type!r})")
@@ -390,12 +395,7 @@ def map_command(
     from relay.providers.base import WebhookRequest
 
     config = _load(config_file, dev_fallback=True)
-    src = config.sources.get(source)
-    if src is None:
-        fail(
-            f"no source named {source!r} in {config.path} "
-            f"(sources: {', '.join(config.sources) or 'none'})"
-        )
+    src = _source(config, source)
     if (webhook_file is None) == (webhook_id is None):
         fail("give a WEBHOOK_FILE or --webhook ID (one of them)")
     headers: dict[str, str] = {}

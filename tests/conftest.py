@@ -132,6 +132,20 @@ mapping = "{MAPPINGS / "stripe.toml"}"
     )
 
 
+TABLES = ("webhooks", "dedupe", "outbox", "events")
+
+
+def row_counts(db: Path, tables: tuple[str, ...] = TABLES) -> dict[str, int]:
+    """How many rows each of the relay's tables holds (read from the SQLite file)."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+    finally:
+        conn.close()
+
+
 class Relay:
     """The relay under uvicorn in a thread; `restart()` keeps its database."""
 

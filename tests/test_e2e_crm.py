@@ -31,11 +31,10 @@ from standardwebhooks import Webhook
 from relay.cli import main
 from relay.providers import hubspot, sendgrid
 from relay.providers.standard import sample_payload
-from tests.conftest import MAPPINGS, STRIPE_SECRET, Relay, Sandbox
+from tests.conftest import MAPPINGS, STRIPE_SECRET, TABLES, Relay, Sandbox, row_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "providers-generic.md"
-TABLES = ("webhooks", "dedupe", "outbox", "events")
 HUBSPOT_SECRET = "7b0e1f52-3c9d-4a8e-b6f1-2d5c8e9a0b13"
 STANDARD_SECRET = "whsec_" + base64.b64encode(b"e2e standard webhooks signing key!").decode()
 MAILGUN_KEY = "key-e2e-send-test-0123456789abcdef"
@@ -135,11 +134,7 @@ class Crm:
         return path
 
     def rows(self) -> dict[str, int]:
-        conn = sqlite3.connect(self.db)
-        try:
-            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
-        finally:
-            conn.close()
+        return row_counts(self.db)
 
     def url(self, source: str) -> str:
         return f"{self.relay.url}/webhooks/{source}"

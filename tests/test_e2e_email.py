@@ -24,11 +24,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.providers import mailgun, sendgrid
-from tests.conftest import MAPPINGS, Relay, Sandbox
+from tests.conftest import MAPPINGS, TABLES, Relay, Sandbox, row_counts
 
 MAILGUN_KEY = "key-e2e-mailgun-signing-0123456789abcdef"
 EXAMPLES = MAPPINGS / "examples" / "mailgun"
-TABLES = ("webhooks", "dedupe", "outbox", "events")
 # What each SendGrid event type becomes (mappings/sendgrid.toml); processed makes nothing.
 SENDGRID_NAMES = {
     "open": "email_open",
@@ -53,11 +52,7 @@ class Email:
         return path
 
     def rows(self) -> dict[str, int]:
-        conn = sqlite3.connect(self.db)
-        try:
-            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
-        finally:
-            conn.close()
+        return row_counts(self.db)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
@@ -12,15 +11,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Relay, Sandbox, stripe_event, stripe_post
+from tests.conftest import Relay, Sandbox, row_counts, stripe_event, stripe_post
 
 
 def count(db: Path, table: str) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-    finally:
-        conn.close()
+    return row_counts(db, (table,))[table]
 
 
 async def post_all(url: str, posts: list[tuple[bytes, dict[str, str]]]) -> list[httpx.Response]:
