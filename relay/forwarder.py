@@ -224,8 +224,9 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
 
-    async def _deliver(self, rows: list[Row]) -> None:
-        """Send rows until they are delivered, dead-lettered or handed back."""
+    async def _deliver(self, rows: list[Row]) -> bool:
+        """Send rows until they are delivered or dead-lettered (True), or handed back because
+        the destination paused or the relay is stopping (False)."""
         f = self.f
         while rows and not f.stopping:
             outcome = await self._send(rows)
@@ -240,22 +241,20 @@ class Worker:
                 self.failures = 0
                 self._resume()
                 log.info("batch %s: %d events delivered", self.name, len(rows))
-                return
+                return True
             if isinstance(outcome, Invalid):
                 self._resume()
                 if len(rows) == 1:
                     reason = f"validation_error: {outcome.answer}"
                     await self._dead_letter(rows, reason)
-                    return
+                    return True
                 mid = len(rows) // 2
                 log.warning(
                     "batch %s: 400 for %d events; splitting to find the refused ones",
                     self.name,
                     len(rows),
                 )
-                await self._deliver(rows[:mid])
-                await self._deliver(rows[mid:])
-                return
+                return await self._deliver(rows[:mid]) and await self._deliver(rows[mid:])
             if isinstance(outcome, RateLimited):
                 log.warning(
                     "batch %s: 429 from the track API; waiting %.0f s",
@@ -266,8 +265,8 @@ class Worker:
                 await self.key.limiter.ready()
                 continue
             if isinstance(outcome, Pause):
-                await self._pause(outcome, ids)
-                return
+                await self._pause(outcome)
+                return False
             # Retry: 5xx, timeout, connection error, broken answer.
             self.failures += 1
             now = f.wall()
@@ -286,6 +285,7 @@ class Worker:
                 "batch %s: %s; retry %d in %.1f s", self.name, outcome.reason, self.failures, delay
             )
             await self._sleep_unless_stopping(delay)
+        return not rows
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         deadline = self.f.clock() + seconds
@@ -332,7 +332,8 @@ class Worker:
             f.metrics.latency.labels(self.name).observe(f.clock() - started)
             f.metrics.batches.labels(self.name, status).inc()
 
-    async def _pause(self, outcome: Pause, ids: list[int]) -> None:
+    async def _pause(self, outcome: Pause) -> None:
+        """Pause the key or this destination; every row in flight goes back to the queue."""
         f = self.f
         gate = self.key.gate if outcome.whole_key else self.gate
         first = gate.reason is None
@@ -344,8 +345,9 @@ class Worker:
         gate.backoff = min(f.settings.max_backoff, gate.backoff * 2)
         names = f.destinations_of_key(self.key.key_id) if outcome.whole_key else [self.name]
         now = f.wall()
-        await f.store.writer.apply(ops.release, ids, outcome.reason)
+        ids = [r.id for r in self.in_flight]
         self.in_flight = []
+        await f.store.writer.apply(ops.release, ids, outcome.reason)
         await f.store.writer.apply(ops.set_paused, names, outcome.reason, now)
         await f.store.writer.apply(ops.set_error, self.name, outcome.reason, now)
         for name in names:
