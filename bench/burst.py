@@ -1,0 +1,54 @@
+"""Burst: 100,000 webhooks taken as fast as they come while the track API refuses everything.
+
+The sandbox answers every track request 503 (a fault rule), so the forwarder keeps retrying
+and the whole burst stays in the outbox. Then: the relay's peak resident memory (VmHWM from
+/proc/PID/status, read while it still runs), the database's size (main file + WAL), and
+whether every event was queued (read after a graceful stop).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from bench import client, stack
+from bench.procs import Procs, proc_status, progress
+from bench.report import Row, mb
+
+RSS_TARGET = 150e6
+
+
+def run(workdir: Path, events: int) -> list[Row]:
+    keys = stack.Secrets.fresh()
+    with Procs(workdir) as procs:
+        sandbox = stack.start_sandbox(procs, workdir, "burst-sandbox", keys, 60)
+        sandbox.post("/_sandbox/faults", {"status": 503})
+        relay = stack.start_relay(procs, workdir, "burst-relay", keys, sandbox.port)
+        rss_idle = proc_status(relay.child.pid, "VmRSS") or 0
+        progress(f"burst: signing and posting {events:,} webhooks at 64 connections "
+                 "(track API down: 503)")
+        tally = client.post_signed(relay.port, events, keys.stripe)
+        progress(f"  posted: {dict(tally.statuses)} in {tally.seconds:.1f} s "
+                 f"({tally.rate:,.0f}/s), errors {len(tally.errors)}")
+        time.sleep(1.0)
+        peak = proc_status(relay.child.pid, "VmHWM") or 0
+        rss = proc_status(relay.child.pid, "VmRSS") or 0
+        main, wal = stack.database_bytes(relay.database)
+        track = sandbox.requests()
+        procs.stop(relay.child)
+        counts = stack.count_rows(relay.database)
+    progress(f"  relay RSS: idle {mb(rss_idle)}, after the burst {mb(rss)}, peak {mb(peak)}; "
+             f"database {mb(main)} + WAL {mb(wal)}; outbox by state {counts.outbox_by_state}; "
+             f"track requests refused: {track['by_status']}")
+    queued = counts.outbox_by_state.get(0, 0) + counts.outbox_by_state.get(1, 0)
+    every = tally.all_ok(events) and counts.dedupe == counts.outbox == queued == events
+    return [
+        Row("burst", f"webhooks taken ({events:,})",
+            f"{tally.statuses.get(200, 0):,} x 200 in {tally.seconds:.0f} s "
+            f"({tally.rate:,.0f}/s)"),
+        Row("burst", "relay peak RSS (VmHWM)", mb(peak), f"<= {mb(RSS_TARGET)}",
+            0 < peak <= RSS_TARGET),
+        Row("burst", "database size (file + WAL)", f"{mb(main + wal)} ({mb(main)} + {mb(wal)})"),
+        Row("burst", "events queued in the outbox", f"{queued:,} of {events:,}",
+            "all (none lost)", every),
+    ]

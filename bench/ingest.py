@@ -1,0 +1,267 @@
+"""Ingest: how many signed webhooks a second the relay takes at 64 connections, against a bare
+Starlette + uvicorn endpoint run the same way in the same invocation.
+
+Both sides get `wrk -t2 -c64 -d<secs> --latency --timeout 10s` with bench/wrk/requests.lua,
+which sends pre-made requests (each wrk thread its own file) and counts statuses. The bare
+side runs first; it is the ceiling, so the relay's set of distinct requests is sized from its
+rate (x1.25) and the relay cannot run out of distinct events within the duration. The bare
+side runs again after the relay: the ratio uses the mean of both, and a large difference
+between them says the machine's speed changed during the run (shared virtual machines do).
+
+Afterwards the relay is stopped (gracefully, so requests under way finish) and its database is
+read: every event answered "accepted" must be there exactly once, with one outbox row each.
+Requests still under way when wrk stopped (at most one per connection) may or may not have
+been stored; they are allowed for, and shown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import stack, webhooks
+from bench.procs import Procs, cpu_seconds, progress
+from bench.report import Row
+
+LUA = Path(__file__).resolve().parent / "wrk" / "requests.lua"
+THREADS = 2
+CONNECTIONS = 64
+BARE_DISTINCT = 20_000  # the bare app does not dedupe: its requests may repeat
+MIN_RELAY_DISTINCT = 30_000
+HEADROOM = 1.25
+
+P99_TARGET_MS = 25.0
+RATIO_TARGET = 0.5
+DRIFT_WARNING = 0.15  # the bare runs before and after the relay differ more: a noisy machine
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    raw: dict[str, Any]
+    cpu: float | None  # the server's CPU use during the run, in cores
+    wrk_cpu: float  # wrk's own, in cores
+
+    @property
+    def max_ms(self) -> float:
+        return float(self.raw["latency_us"]["max"]) / 1000
+
+    @property
+    def answered(self) -> int:
+        return int(self.raw["requests"])
+
+    @property
+    def socket_errors(self) -> int:
+        e = self.raw["errors"]
+        return int(e["connect"] + e["read"] + e["write"] + e["timeout"])
+
+    @property
+    def statuses(self) -> dict[str, int]:
+        return {str(k): int(v) for k, v in self.raw["by_status"].items()}
+
+    @property
+    def all_200(self) -> bool:
+        return (self.statuses == {"200": self.answered} and self.answered > 0
+                and self.socket_errors == 0 and self.raw["errors"]["status"] == 0)
+
+
+WRK_MISSING = (
+    "ingest needs wrk (https://github.com/wg/wrk), the load generator, on PATH: install it "
+    "(Debian/Ubuntu: apt-get install wrk; macOS: brew install wrk) and run again; "
+    "forward, burst and ready do not need it"
+)
+
+
+def wrk_found() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def wrk_path() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit(f"python -m bench: {WRK_MISSING}")
+    return path
+
+
+def skipped() -> list[Row]:
+    return [Row("ingest", "not run: wrk not found", "-", "apt-get install wrk", False)]
+
+
+def run_wrk(port: int, prefix: Path, duration: int, pid: int) -> WrkResult:
+    argv = [wrk_path(), f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
+            "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}/webhooks/stripe",
+            "--", str(prefix)]
+    cpu_before = cpu_seconds(pid)
+    children_before = _children_cpu()
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    try:
+        out, _ = proc.communicate(timeout=duration + 120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    elapsed = time.perf_counter() - started
+    wrk_cpu = (_children_cpu() - children_before) / elapsed
+    cpu_after = cpu_seconds(pid)
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{out[-2000:]}")
+    raw = json.loads(line.removeprefix("BENCH_RESULT "))
+    seconds = raw["duration_us"] / 1e6
+    cpu = (cpu_after - cpu_before) / elapsed if cpu_before is not None and cpu_after else None
+    return WrkResult(raw["requests"] / seconds, raw["latency_us"]["p50"] / 1000,
+                     raw["latency_us"]["p99"] / 1000, raw, cpu, wrk_cpu)
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the children reaped so far (wrk is the only one reaped in a run)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cores(r: WrkResult) -> str:
+    server = f"{r.cpu:.2f}" if r.cpu is not None else "?"
+    return f"{server} / {r.wrk_cpu:.2f} cores"
+
+
+def _describe(name: str, r: WrkResult) -> str:
+    return (f"{name}: {r.rps:,.0f} req/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
+            f"max {r.max_ms:.0f} ms, "
+            f"{r.answered:,} answered, statuses {r.statuses}, socket errors {r.socket_errors}, "
+            f"CPU server / wrk: {_cores(r)}")
+
+
+def py_spy_path() -> str:
+    path = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if path is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    return path
+
+
+def start_profiler(pid: int, duration: int, output: Path) -> subprocess.Popen[bytes]:
+    """py-spy on the relay for the run; the format follows the file name."""
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(output.suffix, "flamegraph")
+    return subprocess.Popen(
+        [py_spy_path(), "record", "--pid", str(pid), "--duration", str(duration), "--rate", "100",
+         "--nonblocking", "--threads", "--format", fmt, "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
+    wrk_path()
+    if profile is not None:
+        py_spy_path()
+    keys = stack.Secrets.fresh()
+    with Procs(workdir) as procs:
+        sandbox = stack.start_sandbox(procs, workdir, "ingest-sandbox", keys, 60)
+        bare, bare_port = stack.start_bare(procs)
+        bare_files = workdir / "bare-requests"
+        webhooks.write_files(bare_files, THREADS, BARE_DISTINCT, bare_port, keys.stripe)
+        progress(f"ingest: bare Starlette + uvicorn endpoint, {duration} s at {CONNECTIONS} "
+                 "connections")
+        before = run_wrk(bare_port, bare_files, duration, bare.pid)
+        progress("  " + _describe("bare", before))
+
+        relay = stack.start_relay(procs, workdir, "ingest-relay", keys, sandbox.port)
+        distinct = max(MIN_RELAY_DISTINCT, math.ceil(before.rps * duration * HEADROOM))
+        progress(f"ingest: relay; signing {distinct:,} distinct webhooks first")
+        relay_files = workdir / "relay-requests"
+        webhooks.write_files(relay_files, THREADS, distinct, relay.port, keys.stripe)
+        progress(f"ingest: relay, {duration} s at {CONNECTIONS} connections")
+        r = _profiled(lambda: run_wrk(relay.port, relay_files, duration, relay.child.pid),
+                      relay.child.pid, duration, profile)
+        progress("  " + _describe("relay", r))
+        time.sleep(0.5)  # let requests cut off by wrk's stop finish
+        code = procs.stop(relay.child)
+        if code != 0:
+            progress(f"  relay exited with {code} on SIGTERM:\n{relay.child.tail()}")
+        counts = stack.count_rows(relay.database)
+        for path in workdir.glob("relay-requests.*"):
+            path.unlink()
+
+        progress("ingest: bare endpoint again, to see how steady the machine was")
+        after = run_wrk(bare_port, bare_files, duration, bare.pid)
+        progress("  " + _describe("bare", after))
+        for path in workdir.glob("bare-requests.*"):
+            path.unlink()
+    return rows(before, after, r, counts)
+
+
+def _profiled(work: Callable[[], WrkResult], pid: int, duration: int,
+              profile: Path | None) -> WrkResult:
+    if profile is None:
+        return work()
+    spy = start_profiler(pid, duration, profile)
+    try:
+        result = work()
+    except BaseException:
+        spy.kill()
+        spy.wait()
+        raise
+    try:
+        spy.wait(60)  # it stops by itself after `duration`, then writes the file
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+    progress(f"  profile of the relay written to {profile} (figures taken under py-spy)")
+    return result
+
+
+def rows(before: WrkResult, after: WrkResult, r: WrkResult, counts: stack.Counts) -> list[Row]:
+    bare_rps = (before.rps + after.rps) / 2
+    drift = abs(before.rps - after.rps) / bare_rps
+    ratio = r.rps / bare_rps if bare_rps else 0.0
+    raw = r.raw
+    cut_off = raw["issued"] - r.answered  # under way when wrk stopped: stored or not
+    extra = counts.dedupe - raw["accepted"]
+    stored_once = (
+        counts.dedupe == counts.events == counts.distinct_event_keys == counts.webhooks
+        and counts.outbox == counts.mapped == counts.events
+        and 0 <= extra <= cut_off
+        and raw["duplicates"] <= raw["repeats"]  # only a repeated request is a duplicate
+    )
+    progress(f"  relay database: {counts}; answered accepted={raw['accepted']:,}, "
+             f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
+             f"stored of those={extra}, repeated requests={raw['repeats']}")
+    if drift > DRIFT_WARNING:
+        progress(f"  warning: the bare endpoint's rate moved {drift:.0%} between its two runs: "
+                 "the machine's speed varied; run again for a steadier ratio")
+    stored = (f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
+              f"answered + {extra} of {cut_off} in flight at the stop")
+    if raw["repeats"]:
+        stored += f"; {raw['repeats']:,} repeats (distinct requests ran out)"
+    statuses = ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items()))
+    if r.socket_errors:
+        statuses += f", {r.socket_errors} socket errors"
+    unsteady = f", machine drift {drift:.0%}!" if drift > DRIFT_WARNING else ""
+    return [
+        Row("ingest", "bare requests/s (before / after relay)",
+            f"{before.rps:,.0f} / {after.rps:,.0f}, mean {bare_rps:,.0f}{unsteady}"),
+        Row("ingest", "bare CPU (server / wrk)", f"{_cores(before)}, {_cores(after)}"),
+        Row("ingest", "bare p50 / p99 latency (before / after)",
+            f"{before.p50_ms:.1f} / {before.p99_ms:.1f} ms, "
+            f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms"),
+        Row("ingest", "relay requests/s", f"{r.rps:,.0f}"),
+        Row("ingest", "relay CPU (server / wrk)", f"{_cores(r)}"),
+        Row("ingest", "relay / bare requests/s", f"{ratio:.2f}", f">= {RATIO_TARGET}",
+            ratio >= RATIO_TARGET),
+        Row("ingest", "relay p50 / p99 / max latency",
+            f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.max_ms:.0f} ms",
+            f"p99 <= {P99_TARGET_MS:.0f} ms", r.p99_ms <= P99_TARGET_MS),
+        Row("ingest", "relay answers", statuses or "none", "all 200", r.all_200),
+        Row("ingest", "relay events stored once", stored, "each exactly once", stored_once),
+    ]

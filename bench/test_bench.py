@@ -1,0 +1,183 @@
+"""Checks of the benchmark's own parts: `python -m pytest bench -q` (a few seconds).
+
+The figures are only worth something if the requests are what they claim to be (distinct,
+~1 KB, correctly signed), the wrk script counts what it says, and the pass/fail arithmetic is
+right; these tests hold each of those.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import forward, ingest, webhooks
+from bench.procs import Procs
+from bench.report import Row, render
+from bench.stack import Counts, start_bare
+from relay.config import Secret
+from relay.errors import InvalidSignature
+from relay.providers.base import WebhookRequest
+from relay.providers.stripe import StripeProvider
+
+SECRET = "whsec_" + "ab" * 16
+
+
+def _split(raw: bytes) -> tuple[str, dict[str, str], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return lines[0], headers, body
+
+
+def test_requests_are_distinct_1kb_and_verify_with_the_relays_stripe_provider() -> None:
+    requests = webhooks.make(50, 8000, SECRET)
+    provider = StripeProvider((Secret(SECRET),))
+    ids = set()
+    for raw in requests:
+        line, headers, body = _split(raw)
+        assert line == "POST /webhooks/stripe HTTP/1.1"
+        assert int(headers["content-length"]) == len(body) == webhooks.BODY_BYTES
+        wr = WebhookRequest("POST", "http://127.0.0.1:8000/webhooks/stripe", headers, body,
+                            time.time())
+        provider.verify(wr)
+        event = json.loads(body)
+        assert event["type"] == "checkout.session.completed"
+        assert event["data"]["object"]["payment_status"] == "paid"  # the mapping emits one
+        ids.add(event["id"])
+    assert len(ids) == 50
+
+
+def test_a_request_signed_with_another_secret_does_not_verify() -> None:
+    _, headers, body = _split(webhooks.make(1, 8000, "whsec_other")[0])
+    wr = WebhookRequest("POST", "http://x/webhooks/stripe", headers, body, time.time())
+    with pytest.raises(InvalidSignature):
+        StripeProvider((Secret(SECRET),)).verify(wr)
+
+
+def test_files_split_distinct_requests_between_threads(tmp_path: Path) -> None:
+    files = webhooks.write_files(tmp_path / "r", 2, 101, 8000, SECRET)
+    shares = [list(webhooks.read_file(f)) for f in files]
+    assert [len(s) for s in shares] == [51, 51]
+    ids = [webhooks.event_id(raw) for share in shares for raw in share]
+    assert len(set(ids)) == len(ids)
+
+
+def test_make_parallel_gives_the_count_asked() -> None:
+    requests = webhooks.make_parallel(7, 8000, SECRET, workers=2)
+    assert len({webhooks.event_id(r) for r in requests}) == 7
+
+
+def _record(batches: list[tuple[float, int, int]]) -> dict[str, Any]:
+    requests = [{"at": at, "status": status, "events": events} for at, status, events in batches]
+    by_status: dict[str, int] = {}
+    for r in requests:
+        by_status[str(r["status"])] = by_status.get(str(r["status"]), 0) + 1
+    return {"total": len(requests), "by_status": by_status, "requests": requests}
+
+
+def test_forward_window_counts_whole_minutes_from_the_first_accepted_batch() -> None:
+    # 10 batches at once (the window's quota), then one more a minute later, then a partial.
+    batches = [(1000.0 + i * 0.1, 200, 25) for i in range(10)]
+    batches += [(1060.2, 200, 25), (1061.0, 200, 7), (999.0, 503, 25)]
+    m = forward.measure(_record(batches))
+    assert m["minutes"] == 1
+    assert m["batches"] == 10
+    assert m["per_minute"] == 250
+    assert m["mean_batch"] == 25
+    assert m["mean_batch_all"] == pytest.approx((11 * 25 + 7) / 12)
+
+
+def test_forward_window_shows_a_slow_drain() -> None:
+    # One batch every 10 s: 6 in the first minute, well under a quota of 10.
+    batches = [(1000.0 + i * 10, 200, 25) for i in range(14)]
+    rows = forward.rows(_record(batches), 350, 350, _counts(350, delivered=350), 10, 250)
+    assert rows[0].ok is False
+    assert "150 of 250" in rows[0].value
+
+
+def test_forward_refuses_a_backlog_shorter_than_a_minute() -> None:
+    with pytest.raises(SystemExit):
+        forward.check_options(events=1500, rpm=60, speedup=1)
+    assert forward.check_options(events=20_000, rpm=60, speedup=10) == 600
+
+
+def _counts(n: int, delivered: int = 0, outbox: int | None = None) -> Counts:
+    return Counts(webhooks=n, dedupe=n, events=n, distinct_event_keys=n, mapped=n,
+                  outbox=n if outbox is None else outbox,
+                  outbox_by_state={2: delivered, 0: n - delivered})
+
+
+def _wrk(answered: int, issued: int, accepted: int, rps: float = 1000.0, p99: float = 20.0,
+         statuses: dict[str, int] | None = None, duplicates: int = 0,
+         repeats: int = 0) -> ingest.WrkResult:
+    raw = {
+        "requests": answered, "issued": issued, "accepted": accepted,
+        "duplicates": duplicates, "repeats": repeats,
+        "errors": {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0},
+        "by_status": statuses if statuses is not None else {"200": answered},
+        "latency_us": {"max": 90_000},
+    }
+    return ingest.WrkResult(rps, 5.0, p99, raw, 1.0, 0.1)
+
+
+def _by_measure(rows: list[Row]) -> dict[str, Row]:
+    return {r.measure: r for r in rows}
+
+
+def test_ingest_passes_when_every_answer_was_stored_once() -> None:
+    bare = _wrk(10_000, 10_064, 0, rps=2000)
+    relay = _wrk(1000, 1064, 1000, rps=1000)
+    rows = _by_measure(ingest.rows(bare, bare, relay, _counts(1030)))
+    assert rows["relay / bare requests/s"].ok is True
+    assert rows["relay answers"].ok is True
+    assert rows["relay events stored once"].ok is True
+
+
+@pytest.mark.parametrize("counts", [
+    _counts(999),  # an accepted event is missing
+    _counts(1065),  # more stored than were ever sent
+    _counts(1000, outbox=1001),  # an event queued twice
+])
+def test_ingest_fails_when_storage_does_not_match_the_answers(counts: Counts) -> None:
+    relay = _wrk(1000, 1064, 1000)
+    rows = _by_measure(ingest.rows(relay, relay, relay, counts))
+    assert rows["relay events stored once"].ok is False
+
+
+def test_ingest_fails_on_any_answer_but_200_and_on_slow_p99() -> None:
+    relay = _wrk(1000, 1064, 999, p99=26.0, statuses={"200": 999, "503": 1})
+    rows = _by_measure(ingest.rows(relay, relay, relay, _counts(999)))
+    assert rows["relay answers"].ok is False
+    assert rows["relay p50 / p99 / max latency"].ok is False
+
+
+def test_render_aligns_columns() -> None:
+    text = render([Row("a", "m", "1", "t", True), Row("bench2", "measure", "22")])
+    lines = text.splitlines()
+    assert lines[0].split() == ["bench", "measure", "value", "target", "result"]
+    assert lines[2].endswith("PASS")
+    assert lines[3].rstrip() == lines[3] and not lines[3].endswith("PASS")
+    assert lines[2].index("1") == lines[3].index("22")  # the value column starts together
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed")
+def test_wrk_script_sends_each_threads_own_requests_and_counts_statuses(tmp_path: Path) -> None:
+    with Procs(tmp_path) as procs:
+        bare, port = start_bare(procs)
+        webhooks.write_files(tmp_path / "req", 2, 40, port, SECRET)
+        result = ingest.run_wrk(port, tmp_path / "req", 1, bare.pid)
+    raw = result.raw
+    assert raw["loaded"] == 40
+    assert result.answered > 40  # the bare side cycles through its 40
+    assert raw["repeats"] == raw["issued"] - 40
+    assert result.statuses == {"200": result.answered}
+    assert result.all_200
+    assert 0 < result.p50_ms <= result.p99_ms
