@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,14 +14,15 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
+from relay import receive as receive_mod
 from relay import status as status_mod
 from relay.config import Config
-from relay.errors import PayloadTooLarge, StoreError, Unavailable, WebhookError
+from relay.errors import StoreError
 from relay.forwarder import Forwarder
 from relay.ingest import Pipeline
 from relay.metrics import Metrics
-from relay.providers.base import WebhookRequest
 from relay.store import Store
 
 log = logging.getLogger("relay.webhook")
@@ -80,79 +80,11 @@ class Runtime:
         return self.pipeline.reload_mappings() if self.pipeline is not None else False
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"body over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"body over {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _error(status: int, code: str, message: str | None = None) -> JSONResponse:
     body: dict[str, Any] = {"ok": False, "error": code}
     if message:
         body["message"] = message
     return JSONResponse(body, status_code=status)
-
-
-async def webhook(request: Request) -> Response:
-    rt: Runtime = request.app.state.relay
-    started = time.perf_counter()
-    name = request.path_params["source"]
-    received_at = time.time()
-    label = name if name in rt.config.sources else "_unknown"
-    size = 0
-    try:
-        if rt.draining or rt.pipeline is None:
-            raise Unavailable("the relay is shutting down; retry later")
-        source = rt.pipeline.source(name)
-        body = await _read_body(request, rt.config.relay.max_body_bytes)
-        size = len(body)
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.scope["headers"]
-        }
-        wr = WebhookRequest(request.method, str(request.url), headers, body, received_at)
-        handled = await rt.pipeline.handle(source, wr)
-    except WebhookError as e:
-        rt.metrics.webhooks.labels(label, e.code).inc()
-        log.info(
-            "webhook %s %d %s: %s (%d bytes, %.1f ms)",
-            name,
-            e.status,
-            e.code,
-            e.reason,
-            size,
-            (time.perf_counter() - started) * 1000,
-        )
-        response = _error(e.status, e.code, e.reason)
-        if e.status == 503:
-            response.headers["retry-after"] = "5"
-        return response
-    except Exception:  # a bug must not become a 500 with a traceback; the sender retries
-        log.exception("webhook %s: unexpected error; answered 503 so the sender retries", name)
-        rt.metrics.webhooks.labels(label, "unavailable").inc()
-        return _error(503, "unavailable", "internal error; retry later")
-    result = handled.result
-    assert rt.forwarder is not None
-    for dest in result.queued:
-        rt.forwarder.notify(dest)
-    outcome = "accepted" if result.accepted or not result.duplicates else "duplicate"
-    rt.metrics.webhooks.labels(name, outcome).inc()
-    log.info(
-        "webhook %s 200 accepted=%d duplicates=%d (%d bytes, %.1f ms)",
-        name,
-        result.accepted,
-        result.duplicates,
-        size,
-        (time.perf_counter() - started) * 1000,
-    )
-    return JSONResponse({"ok": True, "accepted": result.accepted, "duplicates": result.duplicates})
 
 
 async def healthz(request: Request) -> Response:
@@ -192,9 +124,30 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return _error(exc.status_code, code, exc.detail)
 
 
+class Gateway:
+    """The ASGI app: webhooks go straight to their handler (relay/receive.py), everything else
+    (health, readiness, metrics, lifespan, mounts) through Starlette."""
+
+    def __init__(self, app: Starlette, runtime: Runtime):
+        self.app = app
+        self.runtime = runtime
+        self.state = app.state
+        self.router = app.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if receive_mod.is_webhook(scope) and receive_mod.method_allowed(scope):
+            await receive_mod.handle(self.runtime, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _method_not_allowed(request: Request) -> Response:
+    return _error(405, "method_not_allowed", "webhooks are POSTed")
+
+
 def create_app(
     config: Config, housekeeping_interval: float = 30.0, mounts: list[BaseRoute] | None = None
-) -> Starlette:
+) -> Gateway:
     runtime = Runtime(config, housekeeping_interval)
 
     @contextlib.asynccontextmanager
@@ -208,7 +161,9 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/webhooks/{source}", webhook, methods=["POST"]),
+            Route(
+                "/webhooks/{source}", _method_not_allowed, methods=["GET", "PUT", "DELETE", "PATCH"]
+            ),
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
@@ -218,7 +173,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.relay = runtime
-    return app
+    return Gateway(app, runtime)
 
 
 def _install_sighup(runtime: Runtime) -> None:

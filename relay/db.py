@@ -15,6 +15,7 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +100,20 @@ MIGRATIONS: list[str] = [
 _STOP = object()
 
 
+@dataclass
+class _Item:
+    """One job in the writer's queue, and where its result goes."""
+
+    job: Job
+    future: concurrent.futures.Future[Any] | asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop | None = None
+    batch: BatchJob | None = None  # jobs of the same batch function run as one call
+    arg: Any = None
+
+
+BatchJob = Callable[[sqlite3.Connection, list[Any]], list[Any]]
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
@@ -158,12 +173,15 @@ class Writer:
         self.failed_commits = 0
         self._thread.start()
 
+    def _put(self, item: _Item) -> None:
+        if self._closed:
+            item.future.set_exception(StoreError("the store is closed"))
+            return
+        self._queue.put(item)
+
     def submit(self, job: Job) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        if self._closed:
-            fut.set_exception(StoreError("the store is closed"))
-            return fut
-        self._queue.put((job, fut))
+        self._put(_Item(job, fut))
         return fut
 
     def call(self, job: Callable[[sqlite3.Connection], T]) -> T:
@@ -173,8 +191,18 @@ class Writer:
 
     async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
         """Run a job and await its commit, without blocking the event loop."""
-        result: T = await asyncio.wrap_future(self.submit(job))
-        return result
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._put(_Item(job, fut, loop))
+        return await fut
+
+    async def run_batched(self, batch: BatchJob, arg: Any) -> Any:
+        """Await one item of a batch job: every item of a group goes to one `batch` call,
+        which returns one result per item (far cheaper than a job per item)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._put(_Item(lambda conn: batch(conn, [arg])[0], fut, loop, batch, arg))
+        return await fut
 
     async def apply(self, fn: Callable[..., T], *args: Any) -> T:
         """Await fn(connection, *args) in the writer."""
@@ -212,20 +240,39 @@ class Writer:
             if stop:
                 return
 
-    def _commit(self, group: list[tuple[Job, concurrent.futures.Future[Any]]]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
+    def _commit(self, group: list[_Item]) -> None:
         conn = self.conn
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        batches: dict[BatchJob, list[int]] = {}
+        for n, item in enumerate(group):
+            if item.batch is not None:
+                batches.setdefault(item.batch, []).append(n)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for job, _ in group:
+            for batch, members in batches.items():
+                if len(members) < 2:
+                    continue
+                conn.execute("SAVEPOINT batch")
+                try:
+                    results = batch(conn, [group[n].arg for n in members])
+                    conn.execute("RELEASE batch")
+                except Exception:  # one item refused: run them one by one below
+                    conn.execute("ROLLBACK TO batch")
+                    conn.execute("RELEASE batch")
+                    continue
+                for n, result in zip(members, results, strict=True):
+                    outcomes[n] = (True, result)
+            for n, item in enumerate(group):
+                if n in outcomes:
+                    continue
                 conn.execute("SAVEPOINT job")
                 try:
-                    outcomes.append((True, job(conn)))
+                    outcomes[n] = (True, item.job(conn))
                     conn.execute("RELEASE job")
                 except Exception as e:  # one job's failure must not sink the others
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    outcomes.append((False, e))
+                    outcomes[n] = (False, e)
             conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as e:
@@ -237,13 +284,37 @@ class Writer:
                 except sqlite3.Error:
                     pass
             error = StoreError(f"database write failed: {e}")
-            for _, fut in group:
-                fut.set_exception(error)
-            return
-        for (ok, value), (_, fut) in zip(outcomes, group, strict=True):
-            if ok:
-                fut.set_result(value)
-            elif isinstance(value, sqlite3.Error):
-                fut.set_exception(StoreError(f"database error: {value}"))
+            outcomes = {n: (False, error) for n in range(len(group))}
+        self._settle(group, outcomes)
+
+    @staticmethod
+    def _settle(group: list[_Item], outcomes: dict[int, tuple[bool, Any]]) -> None:
+        """Hand every result back: one wake-up per event loop, not one per job."""
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
+        for n, item in enumerate(group):
+            ok, value = outcomes[n]
+            if not ok and isinstance(value, sqlite3.Error):
+                value = StoreError(f"database error: {value}")
+            if item.loop is None:
+                _resolve(item.future, ok, value)
             else:
-                fut.set_exception(value)
+                per_loop.setdefault(item.loop, []).append((item.future, ok, value))
+        for loop, entries in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_all, entries)
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits any more
+
+
+def _resolve(fut: Any, ok: bool, value: Any) -> None:
+    if fut.done():  # cancelled by its waiter
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def _resolve_all(entries: list[tuple[Any, bool, Any]]) -> None:
+    for fut, ok, value in entries:
+        _resolve(fut, ok, value)

@@ -148,20 +148,17 @@ class Pipeline:
             headers_json = json.dumps(headers, ensure_ascii=False)
         except (TypeError, ValueError):
             raise InvalidBody("headers cannot be stored") from None
-        window = self.config.relay.dedupe_window
+        item = ops.Incoming(
+            source.name,
+            request.received_at,
+            request.content_type,
+            headers_json,
+            request.body,
+            incoming,
+            self.config.relay.dedupe_window,
+        )
         try:
-            result = await self.store.writer.run(
-                lambda c: ops.ingest(
-                    c,
-                    source.name,
-                    request.received_at,
-                    request.content_type,
-                    headers_json,
-                    request.body,
-                    incoming,
-                    window,
-                )
-            )
+            result: IngestResult = await self.store.writer.run_batched(ops.ingest_many, item)
         except StoreError as e:
             raise Unavailable(str(e)) from None
         for outcome, n in result.outcomes.items():

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
+import threading
 import time
+from typing import TextIO
 
 
 class JSONFormatter(logging.Formatter):
@@ -22,8 +25,51 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines into a buffer that a background thread flushes every `interval` seconds.
+
+    A line per webhook must not cost a write system call per webhook on the event loop;
+    warnings and errors are flushed at once, and whatever is buffered at exit is flushed.
+    """
+
+    def __init__(self, stream: TextIO, interval: float = 0.1):
+        super().__init__(stream)
+        self.interval = interval
+        thread = threading.Thread(target=self._flusher, name="relay-logs", daemon=True)
+        thread.start()
+        atexit.register(self.flush_now)
+
+    def flush(self) -> None:
+        pass  # the flusher thread does it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if record.levelno >= logging.WARNING:
+            self.flush_now()
+
+    def flush_now(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _flusher(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            self.flush_now()
+
+
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    stream = open(  # noqa: SIM115  (lives as long as the process)
+        sys.stderr.fileno(),
+        "w",
+        buffering=1 << 16,
+        encoding="utf-8",
+        errors="replace",
+        closefd=False,
+    )
+    handler = BatchedStreamHandler(stream)
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:

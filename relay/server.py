@@ -8,6 +8,7 @@ closed. SIGHUP reloads the mappings.
 
 from __future__ import annotations
 
+import sys
 import types
 from typing import Any
 
@@ -52,6 +53,10 @@ def build_server(
 
 def serve(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None) -> bool:
     """Run until stopped; False when the server could not start."""
+    # The writer thread gives up the GIL around every SQLite step and must win it back from
+    # the event loop; at the default 5 ms switch interval each of those waits can cost up to
+    # 5 ms, and webhooks waiting on the commit wait with it.
+    sys.setswitchinterval(0.0005)
     server = build_server(config, host, port, mounts)
     server.run()
     return bool(server.started)

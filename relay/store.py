@@ -54,77 +54,141 @@ class Row:
     attempts: int
 
 
-def ingest(
-    conn: sqlite3.Connection,
-    source: str,
-    received_at: float,
-    content_type: str,
-    headers: str,
-    body: bytes,
-    events: Sequence[IncomingEvent],
-    dedupe_window: float,
-) -> IngestResult:
-    """Dedupe each event, then store the webhook and the new events' outbox rows."""
-    fresh: list[IncomingEvent] = []
-    cutoff = received_at - dedupe_window
-    seen_here: set[str] = set()
-    for ev in events:
-        if ev.key in seen_here:
-            continue  # the same event twice in one body counts once
-        seen_here.add(ev.key)
-        cur = conn.execute(
-            "INSERT INTO dedupe (source, key, seen_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (source, key) DO UPDATE SET seen_at = excluded.seen_at "
-            "WHERE dedupe.seen_at < ?",
-            (source, ev.key, received_at, cutoff),
-        )
-        if cur.rowcount == 1:
+@dataclass(frozen=True)
+class Incoming:
+    """One received webhook, mapped, on its way into the store."""
+
+    source: str
+    received_at: float
+    content_type: str
+    headers: str
+    body: bytes
+    events: Sequence[IncomingEvent]
+    dedupe_window: float
+
+
+def ingest(conn: sqlite3.Connection, item: Incoming) -> IngestResult:
+    return ingest_many(conn, [item])[0]
+
+
+def ingest_many(conn: sqlite3.Connection, items: list[Incoming]) -> list[IngestResult]:
+    """Dedupe each event, then store the webhooks and the new events' outbox rows.
+
+    One call per group commit: one dedupe lookup and one multi-row insert per table for the
+    whole group. Only the writer thread writes, so the ids it hands out are its own.
+    """
+    seen: dict[tuple[str, str], float] = {}
+    by_source: dict[str, set[str]] = {}
+    for item in items:
+        by_source.setdefault(item.source, set()).update(ev.key for ev in item.events)
+    for source, keys in by_source.items():
+        key_list = list(keys)
+        for start in range(0, len(key_list), 500):
+            chunk = key_list[start : start + 500]
+            for key, seen_at in conn.execute(
+                f"SELECT key, seen_at FROM dedupe WHERE source = ? AND key IN ({_in(chunk)})",
+                (source, *chunk),
+            ):
+                seen[(source, key)] = seen_at
+
+    webhook_id = conn.execute("SELECT coalesce(max(id), 0) FROM webhooks").fetchone()[0]
+    event_id = conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+    dedupe_rows: list[tuple[str, str, float]] = []
+    webhook_rows: list[tuple[Any, ...]] = []
+    event_rows: list[tuple[Any, ...]] = []
+    outbox_rows: list[tuple[Any, ...]] = []
+    results: list[IngestResult] = []
+    for item in items:
+        cutoff = item.received_at - item.dedupe_window
+        fresh: list[IncomingEvent] = []
+        for ev in item.events:
+            k = (item.source, ev.key)
+            last = seen.get(k)
+            if last is not None and last >= cutoff:
+                continue  # seen inside the window (also: twice in one body, or in one group)
+            seen[k] = item.received_at
+            dedupe_rows.append((item.source, ev.key, item.received_at))
             fresh.append(ev)
-    duplicates = len(events) - len(fresh)
-    if not fresh:
-        return IngestResult(0, duplicates, None, {}, {})
-    cur = conn.execute(
-        "INSERT INTO webhooks (source, received_at, content_type, headers, body) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (source, received_at, content_type, headers, body),
-    )
-    webhook_id = int(cur.lastrowid or 0)
-    queued: dict[str, int] = {}
-    dead: dict[str, int] = {}
-    outcomes: dict[str, int] = {}
-    rows: list[tuple[Any, ...]] = []
-    for ev in fresh:
-        outcomes[ev.outcome] = outcomes.get(ev.outcome, 0) + 1
-        cur = conn.execute(
-            "INSERT INTO events (webhook_id, source, key, type, outcome, received_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (webhook_id, source, ev.key, ev.type, ev.outcome, received_at),
+        duplicates = len(item.events) - len(fresh)
+        if not fresh:
+            results.append(IngestResult(0, duplicates, None, {}, {}))
+            continue
+        webhook_id += 1
+        webhook_rows.append(
+            (webhook_id, item.source, item.received_at, item.content_type, item.headers, item.body)
         )
-        event_id = cur.lastrowid
-        for out in ev.outputs:
-            state = PENDING if out.body is not None else DEAD
-            rows.append(
-                (
-                    out.destination,
-                    event_id,
-                    out.rule,
-                    out.body,
-                    received_at,
-                    state,
-                    out.error,
-                    received_at if state == DEAD else None,
-                )
+        queued: dict[str, int] = {}
+        dead: dict[str, int] = {}
+        outcomes: dict[str, int] = {}
+        for ev in fresh:
+            event_id += 1
+            outcomes[ev.outcome] = outcomes.get(ev.outcome, 0) + 1
+            event_rows.append(
+                (event_id, webhook_id, item.source, ev.key, ev.type, ev.outcome, item.received_at)
             )
-            counts = queued if state == PENDING else dead
-            counts[out.destination] = counts.get(out.destination, 0) + 1
-    if rows:
-        conn.executemany(
-            "INSERT INTO outbox "
-            "(destination, event_id, rule, body, created_at, state, last_error, done_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-    return IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes, dead)
+            for out in ev.outputs:
+                state = PENDING if out.body is not None else DEAD
+                done_at = item.received_at if state == DEAD else None
+                outbox_rows.append(
+                    (
+                        out.destination,
+                        event_id,
+                        out.rule,
+                        out.body,
+                        item.received_at,
+                        state,
+                        out.error,
+                        done_at,
+                    )
+                )
+                counts = queued if state == PENDING else dead
+                counts[out.destination] = counts.get(out.destination, 0) + 1
+        results.append(IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes, dead))
+    _insert(
+        conn,
+        "INSERT INTO dedupe (source, key, seen_at) VALUES {} "
+        "ON CONFLICT (source, key) DO UPDATE SET seen_at = excluded.seen_at",
+        dedupe_rows,
+    )
+    _insert(
+        conn,
+        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) VALUES {}",
+        webhook_rows,
+    )
+    _insert(
+        conn,
+        "INSERT INTO events (id, webhook_id, source, key, type, outcome, received_at) VALUES {}",
+        event_rows,
+    )
+    _insert(
+        conn,
+        "INSERT INTO outbox "
+        "(destination, event_id, rule, body, created_at, state, last_error, done_at) "
+        "VALUES {}",
+        outbox_rows,
+    )
+    return results
+
+
+_MAX_VARIABLES = 30_000  # SQLite allows 32,766 bound parameters in one statement
+
+
+def _insert(conn: sqlite3.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    """Many rows in few statements.
+
+    executemany steps SQLite once per row, giving up and taking back the GIL each time, and
+    every take-back waits for the event loop's turn to end: one multi-row VALUES statement
+    per table does the work of a whole group in one step, in parallel with the event loop.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, _MAX_VARIABLES // width)
+    one = "(" + ",".join("?" * width) + ")"
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        params = [v for row in chunk for v in row]
+        conn.execute(sql.format(",".join([one] * len(chunk))), params)
 
 
 def queue_head(conn: sqlite3.Connection, destination: str, limit: int) -> tuple[int, float | None]:
@@ -157,7 +221,7 @@ def claim(conn: sqlite3.Connection, destination: str, limit: int) -> tuple[int, 
     return batch_id, [Row(r["id"], r["body"], r["created_at"], r["attempts"] + 1) for r in rows]
 
 
-def _in(ids: Sequence[int]) -> str:
+def _in(ids: Sequence[object]) -> str:
     return ",".join("?" * len(ids))
 
 

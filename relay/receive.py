@@ -1,0 +1,150 @@
+"""`POST /webhooks/{source}`: the hot path, as a plain ASGI handler.
+
+Every webhook passes here, so it skips the framework's request and response objects, routing
+and middleware: it reads the scope and the body itself and sends pre-encoded JSON. What it
+does is the contract of DESIGN.md: verify, dedupe, store, then answer; a refused request
+stores nothing and never gets a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from relay.errors import PayloadTooLarge, Unavailable, UnknownSource, WebhookError
+from relay.providers.base import WebhookRequest
+
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+
+    from relay.app import Runtime
+
+log = logging.getLogger("relay.webhook")
+
+PREFIX = "/webhooks/"
+
+
+class ClientGone(Exception):
+    """The sender hung up before its body arrived."""
+
+
+async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading them all."""
+    if declared is not None and declared > limit:
+        raise PayloadTooLarge(f"body over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body over {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def request_url(scope: Scope, headers: dict[str, str]) -> str:
+    """The URL as the sender called it (scheme, Host header, path, query)."""
+    host = headers.get("host")
+    if not host:
+        server = scope.get("server") or ("localhost", 80)
+        host = f"{server[0]}:{server[1]}"
+    url = f"{scope.get('scheme', 'http')}://{host}{scope.get('root_path', '')}{scope['path']}"
+    query = scope.get("query_string", b"")
+    return f"{url}?{query.decode('latin-1')}" if query else url
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *extra,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.perf_counter()
+    received_at = time.time()
+    name = scope["path"][len(PREFIX) :]
+    label = name if name in rt.config.sources else "_unknown"
+    size = 0
+    try:
+        if rt.draining or rt.pipeline is None:
+            raise Unavailable("the relay is shutting down; retry later")
+        source = rt.pipeline.source(name) if "/" not in name else None
+        if source is None:
+            raise UnknownSource(f"no source named {name!r}")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        length = headers.get("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        body = await read_body(receive, declared, rt.config.relay.max_body_bytes)
+        size = len(body)
+        request = WebhookRequest(
+            scope["method"], request_url(scope, headers), headers, body, received_at
+        )
+        handled = await rt.pipeline.handle(source, request)
+    except ClientGone:
+        rt.metrics.webhooks.labels(label, "client_gone").inc()
+        log.info("webhook %s: the sender hung up before its body arrived", name)
+        return
+    except WebhookError as e:
+        rt.metrics.webhooks.labels(label, e.code).inc()
+        log.info(
+            "webhook %s %d %s: %s (%d bytes, %.1f ms)",
+            name,
+            e.status,
+            e.code,
+            e.reason,
+            size,
+            (time.perf_counter() - started) * 1000,
+        )
+        extra = ((b"retry-after", b"5"),) if e.status == 503 else ()
+        body = json.dumps({"ok": False, "error": e.code, "message": e.reason}).encode()
+        await _answer(send, e.status, body, extra)
+        return
+    except Exception:  # a bug must not become a 500 with a traceback; the sender retries
+        log.exception("webhook %s: unexpected error; answered 503 so the sender retries", name)
+        rt.metrics.webhooks.labels(label, "unavailable").inc()
+        body = b'{"ok": false, "error": "unavailable", "message": "internal error; retry later"}'
+        await _answer(send, 503, body, ((b"retry-after", b"5"),))
+        return
+    result = handled.result
+    if rt.forwarder is not None:
+        for dest in result.queued:
+            rt.forwarder.notify(dest)
+    outcome = "accepted" if result.accepted or not result.duplicates else "duplicate"
+    rt.metrics.webhooks.labels(name, outcome).inc()
+    log.info(
+        "webhook %s 200 accepted=%d duplicates=%d (%d bytes, %.1f ms)",
+        name,
+        result.accepted,
+        result.duplicates,
+        size,
+        (time.perf_counter() - started) * 1000,
+    )
+    body = b'{"ok":true,"accepted":%d,"duplicates":%d}' % (result.accepted, result.duplicates)
+    await _answer(send, 200, body)
+
+
+def is_webhook(scope: Scope) -> bool:
+    return bool(scope["type"] == "http" and scope["path"].startswith(PREFIX))
+
+
+def method_allowed(scope: Scope) -> bool:
+    return bool(scope["method"] == "POST")
