@@ -201,6 +201,8 @@ class Worker:
         if limiter.delay() > 0:
             f.metrics.rate_limit_waits.labels(self.name).inc()
             await limiter.ready()  # the batch may fill up while we wait
+            if f.stopping:
+                return
         probe = self.key.gate.reason is not None or self.gate.reason is not None
         if probe:
             for gate in (self.key.gate, self.gate):
@@ -267,6 +269,8 @@ class Worker:
             if isinstance(outcome, Pause):
                 await self._pause(outcome)
                 return False
+            if f.stopping:
+                return False  # not sent: the rows go back to the queue
             # Retry: 5xx, timeout, connection error, broken answer.
             self.failures += 1
             now = f.wall()
@@ -308,7 +312,8 @@ class Worker:
         f = self.f
         body = '{"events":[' + ",".join(r.body for r in rows) + "]}"
         limiter = self.key.limiter
-        await limiter.acquire()
+        if not await limiter.acquire():
+            return Retry("the relay is stopping")
         sent = True
         started = f.clock()
         status = "error"
@@ -458,6 +463,8 @@ class Forwarder:
     async def stop(self, grace: float) -> None:
         """Finish or hand back in-flight sends within `grace` seconds."""
         self.stopping = True
+        for key in self.keys.values():
+            key.limiter.close()
         for w in self.workers.values():
             w.wake.set()
         tasks = [w.task for w in self.workers.values() if w.task is not None]

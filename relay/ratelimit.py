@@ -34,7 +34,13 @@ class SlidingWindowLimiter:
         self.in_flight = 0
         self.blocked_until = 0.0
         self.waits = 0  # times a caller had to wait for the window (for metrics)
+        self.closed = False
         self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        """The relay is stopping: every wait ends now and nothing more is acquired."""
+        self.closed = True
+        self._changed.set()
 
     def _trim(self, now: float) -> None:
         while self.log and self.log[0] <= now - self.window - self.margin:
@@ -59,8 +65,8 @@ class SlidingWindowLimiter:
         return True
 
     async def ready(self) -> None:
-        """Wait until a request could start, without taking the slot."""
-        while (wait := self.delay()) > 0:
+        """Wait until a request could start, without taking the slot (or the limiter closes)."""
+        while not self.closed and (wait := self.delay()) > 0:
             await self._wait(wait)
 
     async def _wait(self, wait: float) -> None:
@@ -68,17 +74,19 @@ class SlidingWindowLimiter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), None if wait == float("inf") else wait)
 
-    async def acquire(self) -> None:
+    async def acquire(self) -> bool:
+        """Take a slot, waiting as long as needed; False (and no slot) once closed."""
         waited = False
-        while True:
+        while not self.closed:
             wait = self.delay()
             if wait <= 0:
                 self.in_flight += 1
                 if waited:
                     self.waits += 1
-                return
+                return True
             waited = True
             await self._wait(wait)
+        return False
 
     def release(self, sent: bool = True) -> None:
         """The request answered (or failed): log it, unless it never left."""

@@ -292,3 +292,17 @@ def test_dedupe_keys_expire_after_the_window(
     assert relay.post("stripe", *stripe_post(event)).json()["duplicates"] == 1
     time.sleep(1.2)
     assert relay.post("stripe", *stripe_post(event)).json()["accepted"] == 1
+
+
+def test_shutdown_does_not_wait_out_the_rate_limit_window(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    relay = relay_factory(sandbox, track='requests_per_minute = 1\nflush_interval = "100ms"')
+    post_events(relay, 3)
+    assert wait_until(lambda: len(sandbox.events()) == 3)
+    post_events(relay, 3)  # these wait for the next minute's slot
+    time.sleep(0.5)
+    started = time.monotonic()
+    relay.stop()
+    assert time.monotonic() - started < 3  # not the 10 s grace, not the 60 s window
+    assert outbox_states(relay.config.relay.database) == {ops.DELIVERED: 3, ops.PENDING: 3}
