@@ -24,12 +24,12 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from relay import store as ops
+from relay.answers import Delivered, Invalid, Outcome, Pause, RateLimited, Retry, classify
 from relay.config import Config, Destination, TrackSettings
 from relay.metrics import Metrics
 from relay.ratelimit import SlidingWindowLimiter
@@ -40,36 +40,6 @@ log = logging.getLogger("relay.forwarder")
 PAUSE_FIRST_PROBE = 5.0
 BACKOFF_BASE = 0.5
 IDLE_RECHECK = 1.0  # rows may also arrive from another process (dead-letter replay)
-
-
-@dataclass
-class Delivered:
-    event_ids: list[int | None]
-
-
-@dataclass
-class Invalid:
-    answer: str
-
-
-@dataclass
-class Pause:
-    status: int
-    reason: str
-    whole_key: bool
-
-
-@dataclass
-class RateLimited:
-    retry_after: float
-
-
-@dataclass
-class Retry:
-    reason: str
-
-
-Outcome = Delivered | Invalid | Pause | RateLimited | Retry
 
 
 class Gate:
@@ -95,56 +65,6 @@ class KeyState:
         self.key_id = key_id
         self.limiter = SlidingWindowLimiter(limit, clock=clock)
         self.gate = Gate(key_id)
-
-
-def classify(response: httpx.Response) -> Outcome:
-    status = response.status_code
-    text = response.text[:500]
-    if status == 200:
-        try:
-            data = response.json()
-        except ValueError:
-            return Retry("malformed answer: 200 without JSON")
-        if not isinstance(data, dict) or data.get("ok") is not True:
-            return Retry("malformed answer: 200 without ok")
-        ids = data.get("event_ids")
-        if not isinstance(ids, list):
-            ids = []
-        return Delivered([i if isinstance(i, int) else None for i in ids])
-    if status == 400:
-        return Invalid(text)
-    if status in (401, 402, 403):
-        return Pause(status, f"HTTP {status} {_error_code(response)}", whole_key=True)
-    if status == 404:
-        return Pause(status, f"HTTP 404 {_error_code(response)}", whole_key=False)
-    if status == 429:
-        return RateLimited(_retry_after(response))
-    return Retry(f"HTTP {status} {_error_code(response)}".strip())
-
-
-def _error_code(response: httpx.Response) -> str:
-    try:
-        data = response.json()
-    except ValueError:
-        return ""
-    code = data.get("error") if isinstance(data, dict) else None
-    return code if isinstance(code, str) else ""
-
-
-def _retry_after(response: httpx.Response) -> float:
-    candidates: list[float] = []
-    header = response.headers.get("retry-after")
-    if header:
-        with contextlib.suppress(ValueError):
-            candidates.append(float(header))
-    try:
-        data = response.json()
-        if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
-            candidates.append(float(data["retry_after"]))
-    except ValueError:
-        pass
-    # Never less than the API asked; with no usable answer, one whole window.
-    return max(candidates) if candidates else 60.0
 
 
 class Worker:

@@ -1,0 +1,117 @@
+"""What every `relay` command shares: one-line failures, config loading, log options."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from relay.errors import ConfigError, StoreError
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from relay.config import Config, Source
+
+
+def fail(message: str) -> NoReturn:
+    click.echo(f"relay: {message}", err=True)
+    sys.exit(1)
+
+
+class RelayGroup(click.Group):
+    """Turns a config or database mistake into one clear line and exit 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import sqlite3
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as e:
+            fail(e.message)
+        except StoreError as e:
+            fail(str(e))
+        except sqlite3.DatabaseError as e:
+            fail(f"database error: {e}")
+
+
+def config_option(f: Any) -> Any:
+    return click.option(
+        "--config",
+        "config_file",
+        default=None,
+        metavar="FILE",
+        help="Config file (default: $RELAY_CONFIG, else relay.toml).",
+    )(f)
+
+
+def load(config_file: str | None, *, dev_fallback: bool = False) -> Config:
+    """Load the config. Client commands fall back to `relay dev`'s config when none is named
+    and relay.toml does not load (it needs real secrets)."""
+    import os
+
+    from relay.config import load_config
+    from relay.devmode import DEV_CONFIG
+
+    if (
+        dev_fallback
+        and config_file is None
+        and not os.environ.get("RELAY_CONFIG")
+        and DEV_CONFIG.is_file()
+    ):
+        try:
+            return load_config(None)
+        except ConfigError:
+            click.echo(f"relay: using {DEV_CONFIG} (written by relay dev)", err=True)
+            return load_config(DEV_CONFIG)
+    return load_config(config_file)
+
+
+def reader(config: Config) -> sqlite3.Connection:
+    """A read connection to the relay's database; a read command never creates one."""
+    from relay.store import Store
+
+    if not config.relay.database.exists():
+        fail(f"no database at {config.relay.database} yet (has the relay run?)")
+    return Store.reader_of(config.relay.database)
+
+
+def source_named(config: Config, name: str) -> Source:
+    src = config.sources.get(name)
+    if src is None:
+        fail(
+            f"no source named {name!r} in {config.path} "
+            f"(sources: {', '.join(config.sources) or 'none'})"
+        )
+    return src
+
+
+def setup_logs(log_format: str, log_level: str) -> None:
+    from relay.logs import setup_logging
+
+    setup_logging(log_format, log_level)
+
+
+LOG_OPTIONS = [
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Log lines as text or one JSON object per line.",
+    ),
+    click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        help="Least severe level logged.",
+    ),
+]
+
+
+def with_log_options(f: Any) -> Any:
+    for option in reversed(LOG_OPTIONS):
+        f = option(f)
+    return f
