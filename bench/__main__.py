@@ -28,27 +28,58 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks of the relay; every target is checked and shown PASS or FAIL.",
     )
     p.add_argument("which", choices=[*ORDER, "all"], help="what to run")
-    p.add_argument("--duration", type=int, default=15, metavar="SECS",
-                   help="ingest: seconds of load on each side (default 15)")
-    p.add_argument("--events", type=int, default=20_000,
-                   help="forward: events in the backlog (default 20000)")
-    p.add_argument("--rpm", type=int, default=60,
-                   help="forward: the track API's requests per minute N (default 60)")
-    p.add_argument("--speedup", type=float, default=10.0, metavar="F",
-                   help="forward: multiply the sandbox's and the relay's requests per minute "
-                        "by F, to see the same drain F times faster (default 10)")
-    p.add_argument("--burst-events", type=int, default=100_000,
-                   help="burst: webhooks in the burst (default 100000)")
-    p.add_argument("--profile", type=Path, metavar="FILE",
-                   help="ingest: record the relay with py-spy while it is under load; .svg "
-                        "flamegraph, .json speedscope, .txt raw (the figures of that run are "
-                        "taken under the profiler)")
+    p.add_argument(
+        "--duration",
+        type=int,
+        default=15,
+        metavar="SECS",
+        help="ingest: seconds of load on each side (default 15)",
+    )
+    p.add_argument(
+        "--events", type=int, default=20_000, help="forward: events in the backlog (default 20000)"
+    )
+    p.add_argument(
+        "--rpm",
+        type=int,
+        default=60,
+        help="forward: the track API's requests per minute N (default 60)",
+    )
+    p.add_argument(
+        "--speedup",
+        type=float,
+        default=10.0,
+        metavar="F",
+        help="forward: multiply the sandbox's and the relay's requests per minute "
+        "by F, to see the same drain F times faster (default 10)",
+    )
+    p.add_argument(
+        "--burst-events",
+        type=int,
+        default=100_000,
+        help="burst: webhooks in the burst (default 100000)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="ingest: record the relay with py-spy while it is under load; .svg "
+        "flamegraph, .json speedscope, .txt raw (the figures of that run are "
+        "taken under the profiler)",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the temporary directory (logs, databases) and print its path")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (logs, databases) and print its path",
+    )
     args = p.parse_args(argv)
-    if args.duration < 1 or args.events < 1 or args.burst_events < 1 or args.rpm < 1 \
-            or args.speedup <= 0:
+    if (
+        args.duration < 1
+        or args.events < 1
+        or args.burst_events < 1
+        or args.rpm < 1
+        or args.speedup <= 0
+    ):
         p.error("--duration, --events, --burst-events, --rpm and --speedup must be positive")
     return args
 
@@ -59,8 +90,7 @@ def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
     if which == "ingest":
         if not ingest.wrk_found():
             return ingest.skipped()
-        return ingest.run(workdir, args.duration,
-                          args.profile.resolve() if args.profile else None)
+        return ingest.run(workdir, args.duration, args.profile.resolve() if args.profile else None)
     if which == "forward":
         return forward.run(workdir, args.events, args.rpm, args.speedup)
     return burst.run(workdir, args.burst_events)

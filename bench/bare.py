@@ -29,10 +29,12 @@ async def healthz(request: Request) -> Response:
 
 
 def create_app() -> Starlette:
-    return Starlette(routes=[
-        Route("/webhooks/{source}", webhook, methods=["POST"]),
-        Route("/healthz", healthz, methods=["GET"]),
-    ])
+    return Starlette(
+        routes=[
+            Route("/webhooks/{source}", webhook, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET"]),
+        ]
+    )
 
 
 def main() -> None:
@@ -40,8 +42,13 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
     config = uvicorn.Config(
-        create_app(), host="127.0.0.1", port=args.port, log_config=None, access_log=False,
-        lifespan="on", server_header=False,
+        create_app(),
+        host="127.0.0.1",
+        port=args.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        server_header=False,
     )
     uvicorn.Server(config).run()
 

@@ -25,11 +25,15 @@ def run(workdir: Path, events: int) -> list[Row]:
         sandbox.post("/_sandbox/faults", {"status": 503})
         relay = stack.start_relay(procs, workdir, "burst-relay", keys, sandbox.port)
         rss_idle = proc_status(relay.child.pid, "VmRSS") or 0
-        progress(f"burst: signing and posting {events:,} webhooks at 64 connections "
-                 "(track API down: 503)")
+        progress(
+            f"burst: signing and posting {events:,} webhooks at 64 connections "
+            "(track API down: 503)"
+        )
         tally = client.post_signed(relay.port, events, keys.stripe)
-        progress(f"  posted: {dict(tally.statuses)} in {tally.seconds:.1f} s "
-                 f"({tally.rate:,.0f}/s), errors {len(tally.errors)}")
+        progress(
+            f"  posted: {dict(tally.statuses)} in {tally.seconds:.1f} s "
+            f"({tally.rate:,.0f}/s), errors {len(tally.errors)}"
+        )
         time.sleep(1.0)
         peak = proc_status(relay.child.pid, "VmHWM") or 0
         rss = proc_status(relay.child.pid, "VmRSS") or 0
@@ -37,18 +41,32 @@ def run(workdir: Path, events: int) -> list[Row]:
         track = sandbox.requests()
         procs.stop(relay.child)
         counts = stack.count_rows(relay.database)
-    progress(f"  relay RSS: idle {mb(rss_idle)}, after the burst {mb(rss)}, peak {mb(peak)}; "
-             f"database {mb(main)} + WAL {mb(wal)}; outbox by state {counts.outbox_by_state}; "
-             f"track requests refused: {track['by_status']}")
+    progress(
+        f"  relay RSS: idle {mb(rss_idle)}, after the burst {mb(rss)}, peak {mb(peak)}; "
+        f"database {mb(main)} + WAL {mb(wal)}; outbox by state {counts.outbox_by_state}; "
+        f"track requests refused: {track['by_status']}"
+    )
     queued = counts.outbox_by_state.get(0, 0) + counts.outbox_by_state.get(1, 0)
     every = tally.all_ok(events) and counts.dedupe == counts.outbox == queued == events
     return [
-        Row("burst", f"webhooks taken ({events:,})",
-            f"{tally.statuses.get(200, 0):,} x 200 in {tally.seconds:.0f} s "
-            f"({tally.rate:,.0f}/s)"),
-        Row("burst", "relay peak RSS (VmHWM)", mb(peak), f"<= {mb(RSS_TARGET)}",
-            0 < peak <= RSS_TARGET),
+        Row(
+            "burst",
+            f"webhooks taken ({events:,})",
+            f"{tally.statuses.get(200, 0):,} x 200 in {tally.seconds:.0f} s ({tally.rate:,.0f}/s)",
+        ),
+        Row(
+            "burst",
+            "relay peak RSS (VmHWM)",
+            mb(peak),
+            f"<= {mb(RSS_TARGET)}",
+            0 < peak <= RSS_TARGET,
+        ),
         Row("burst", "database size (file + WAL)", f"{mb(main + wal)} ({mb(main)} + {mb(wal)})"),
-        Row("burst", "events queued in the outbox", f"{queued:,} of {events:,}",
-            "all (none lost)", every),
+        Row(
+            "burst",
+            "events queued in the outbox",
+            f"{queued:,} of {events:,}",
+            "all (none lost)",
+            every,
+        ),
     ]

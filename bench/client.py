@@ -92,12 +92,14 @@ async def _report(tally: Tally, before: int, total: int, started: float, every: 
     while True:
         await asyncio.sleep(every)
         elapsed = time.perf_counter() - started
-        progress(f"  posted {before + tally.answered:,}/{total:,} "
-                 f"({tally.answered / elapsed:,.0f}/s)")
+        progress(
+            f"  posted {before + tally.answered:,}/{total:,} ({tally.answered / elapsed:,.0f}/s)"
+        )
 
 
-async def _post_all(port: int, requests: list[bytes], concurrency: int, every: float,
-                    before: int, total: int) -> Tally:
+async def _post_all(
+    port: int, requests: list[bytes], concurrency: int, every: float, before: int, total: int
+) -> Tally:
     tally = Tally()
     it = iter(requests)
     started = time.perf_counter()
@@ -110,11 +112,23 @@ async def _post_all(port: int, requests: list[bytes], concurrency: int, every: f
     return tally
 
 
-def post_all(port: int, requests: list[bytes], concurrency: int = 64,
-             report_every: float = 10.0, before: int = 0, total: int | None = None) -> Tally:
+def post_all(
+    port: int,
+    requests: list[bytes],
+    concurrency: int = 64,
+    report_every: float = 10.0,
+    before: int = 0,
+    total: int | None = None,
+) -> Tally:
     """Send every request once to 127.0.0.1:port; the answers' tally."""
-    coro = _post_all(port, requests, concurrency, report_every, before,
-                     total if total is not None else len(requests))
+    coro = _post_all(
+        port,
+        requests,
+        concurrency,
+        report_every,
+        before,
+        total if total is not None else len(requests),
+    )
     try:
         import uvloop  # uvicorn[standard] brings it; the client then keeps up with more
     except ImportError:
@@ -123,8 +137,9 @@ def post_all(port: int, requests: list[bytes], concurrency: int = 64,
     return result
 
 
-def post_signed(port: int, count: int, secret: str, chunk: int = 25_000,
-                concurrency: int = 64) -> Tally:
+def post_signed(
+    port: int, count: int, secret: str, chunk: int = 25_000, concurrency: int = 64
+) -> Tally:
     """Sign and send `count` distinct Stripe webhooks, a chunk at a time.
 
     Each chunk is signed just before it is sent, so every signature is fresh (inside Stripe's

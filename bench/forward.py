@@ -49,19 +49,24 @@ def run(workdir: Path, events: int, rpm: int, speedup: float) -> list[Row]:
     with Procs(workdir) as procs:
         sandbox_port = free_port()
         relay = stack.start_relay(procs, workdir, "forward-relay", keys, sandbox_port, effective)
-        progress(f"forward: signing {events:,} webhooks, posting them while the track API is "
-                 "down")
+        progress(f"forward: signing {events:,} webhooks, posting them while the track API is down")
         tally = client.post_signed(relay.port, events, keys.stripe)
-        progress(f"  posted: {dict(tally.statuses)} in {tally.seconds:.1f} s "
-                 f"({tally.rate:,.0f}/s), errors {len(tally.errors)}")
+        progress(
+            f"  posted: {dict(tally.statuses)} in {tally.seconds:.1f} s "
+            f"({tally.rate:,.0f}/s), errors {len(tally.errors)}"
+        )
         if not tally.all_ok(events):
-            raise RuntimeError(f"forward: posting the backlog failed: {dict(tally.statuses)}, "
-                               f"{tally.errors[:3]}")
+            raise RuntimeError(
+                f"forward: posting the backlog failed: {dict(tally.statuses)}, {tally.errors[:3]}"
+            )
         drain = events / ceiling * 60
-        progress(f"forward: track API up ({effective} requests/min = {rpm} x speedup "
-                 f"{speedup:g}); draining, about {drain:.0f} s")
-        sandbox = stack.start_sandbox(procs, workdir, "forward-sandbox", keys, effective,
-                                      port=sandbox_port)
+        progress(
+            f"forward: track API up ({effective} requests/min = {rpm} x speedup "
+            f"{speedup:g}); draining, about {drain:.0f} s"
+        )
+        sandbox = stack.start_sandbox(
+            procs, workdir, "forward-sandbox", keys, effective, port=sandbox_port
+        )
         stored = wait_drained(sandbox, events, timeout=drain * 1.5 + 60)
         record = sandbox.requests()
         procs.stop(relay.child)
@@ -83,8 +88,7 @@ def wait_drained(sandbox: stack.Sandbox, events: int, timeout: float) -> int:
 
 
 def measure(record: dict[str, Any]) -> dict[str, Any]:
-    accepted = sorted((r for r in record["requests"] if r["status"] == 200),
-                      key=lambda r: r["at"])
+    accepted = sorted((r for r in record["requests"] if r["status"] == 200), key=lambda r: r["at"])
     if not accepted:
         raise RuntimeError(f"forward: the sandbox accepted no batch: {record['by_status']}")
     t0, t_end = accepted[0]["at"], accepted[-1]["at"]
@@ -104,31 +108,56 @@ def measure(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rows(record: dict[str, Any], stored: int, events: int, counts: stack.Counts,
-         effective: int, ceiling: int) -> list[Row]:
+def rows(
+    record: dict[str, Any],
+    stored: int,
+    events: int,
+    counts: stack.Counts,
+    effective: int,
+    ceiling: int,
+) -> list[Row]:
     m = measure(record)
     by_status = {str(k): int(v) for k, v in record["by_status"].items()}
     too_many = by_status.get("429", 0)
     fraction = m["per_minute"] / ceiling
-    progress(f"  sandbox record: {by_status}; window {m['minutes']} min, {m['batches']} "
-             f"batches, {m['events']:,} events, the last of them sent "
-             f"{m['window_busy_seconds']:.1f} s into the window; drained in "
-             f"{m['drain_seconds']:.1f} s; relay outbox by state {counts.outbox_by_state}")
+    progress(
+        f"  sandbox record: {by_status}; window {m['minutes']} min, {m['batches']} "
+        f"batches, {m['events']:,} events, the last of them sent "
+        f"{m['window_busy_seconds']:.1f} s into the window; drained in "
+        f"{m['drain_seconds']:.1f} s; relay outbox by state {counts.outbox_by_state}"
+    )
     if m["truncated"]:
         progress("  warning: the sandbox's request record was truncated (over 10,000 requests)")
     delivered = counts.outbox_by_state.get(2, 0)
     once = stored == events == delivered == counts.outbox
     others = {s: n for s, n in by_status.items() if s not in ("200", "429")}
     return [
-        Row("forward", f"events/min under backlog ({m['minutes']} min window)",
+        Row(
+            "forward",
+            f"events/min under backlog ({m['minutes']} min window)",
             f"{m['per_minute']:,.0f} of {ceiling:,} = {fraction:.1%}",
-            f">= {FRACTION_TARGET:.0%}", fraction >= FRACTION_TARGET),
-        Row("forward", "mean batch size",
+            f">= {FRACTION_TARGET:.0%}",
+            fraction >= FRACTION_TARGET,
+        ),
+        Row(
+            "forward",
+            "mean batch size",
             f"{m['mean_batch']:.2f} ({m['mean_batch_all']:.2f} whole drain)",
-            f">= {BATCH_TARGET}", m["mean_batch"] >= BATCH_TARGET),
-        Row("forward", "429s received", f"{too_many}" + (f" (other: {others})" if others else ""),
-            "0", too_many == 0),
-        Row("forward", f"delivered ({effective} req/min ceiling)",
+            f">= {BATCH_TARGET}",
+            m["mean_batch"] >= BATCH_TARGET,
+        ),
+        Row(
+            "forward",
+            "429s received",
+            f"{too_many}" + (f" (other: {others})" if others else ""),
+            "0",
+            too_many == 0,
+        ),
+        Row(
+            "forward",
+            f"delivered ({effective} req/min ceiling)",
             f"{stored:,} of {events:,} in the sandbox, {delivered:,} marked delivered",
-            "all, once", once),
+            "all, once",
+            once,
+        ),
     ]

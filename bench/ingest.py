@@ -72,8 +72,12 @@ class WrkResult:
 
     @property
     def all_200(self) -> bool:
-        return (self.statuses == {"200": self.answered} and self.answered > 0
-                and self.socket_errors == 0 and self.raw["errors"]["status"] == 0)
+        return (
+            self.statuses == {"200": self.answered}
+            and self.answered > 0
+            and self.socket_errors == 0
+            and self.raw["errors"]["status"] == 0
+        )
 
 
 WRK_MISSING = (
@@ -99,14 +103,26 @@ def skipped() -> list[Row]:
 
 
 def run_wrk(port: int, prefix: Path, duration: int, pid: int) -> WrkResult:
-    argv = [wrk_path(), f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{duration}s", "--latency",
-            "--timeout", "10s", "-s", str(LUA), f"http://127.0.0.1:{port}/webhooks/stripe",
-            "--", str(prefix)]
+    argv = [
+        wrk_path(),
+        f"-t{THREADS}",
+        f"-c{CONNECTIONS}",
+        f"-d{duration}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        f"http://127.0.0.1:{port}/webhooks/stripe",
+        "--",
+        str(prefix),
+    ]
     cpu_before = cpu_seconds(pid)
     children_before = _children_cpu()
     started = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, text=True
+    )
     try:
         out, _ = proc.communicate(timeout=duration + 120)
     finally:
@@ -122,8 +138,14 @@ def run_wrk(port: int, prefix: Path, duration: int, pid: int) -> WrkResult:
     raw = json.loads(line.removeprefix("BENCH_RESULT "))
     seconds = raw["duration_us"] / 1e6
     cpu = (cpu_after - cpu_before) / elapsed if cpu_before is not None and cpu_after else None
-    return WrkResult(raw["requests"] / seconds, raw["latency_us"]["p50"] / 1000,
-                     raw["latency_us"]["p99"] / 1000, raw, cpu, wrk_cpu)
+    return WrkResult(
+        raw["requests"] / seconds,
+        raw["latency_us"]["p50"] / 1000,
+        raw["latency_us"]["p99"] / 1000,
+        raw,
+        cpu,
+        wrk_cpu,
+    )
 
 
 def _children_cpu() -> float:
@@ -138,10 +160,12 @@ def _cores(r: WrkResult) -> str:
 
 
 def _describe(name: str, r: WrkResult) -> str:
-    return (f"{name}: {r.rps:,.0f} req/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
-            f"max {r.max_ms:.0f} ms, "
-            f"{r.answered:,} answered, statuses {r.statuses}, socket errors {r.socket_errors}, "
-            f"CPU server / wrk: {_cores(r)}")
+    return (
+        f"{name}: {r.rps:,.0f} req/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
+        f"max {r.max_ms:.0f} ms, "
+        f"{r.answered:,} answered, statuses {r.statuses}, socket errors {r.socket_errors}, "
+        f"CPU server / wrk: {_cores(r)}"
+    )
 
 
 def py_spy_path() -> str:
@@ -155,9 +179,25 @@ def start_profiler(pid: int, duration: int, output: Path) -> subprocess.Popen[by
     """py-spy on the relay for the run; the format follows the file name."""
     fmt = {".json": "speedscope", ".txt": "raw"}.get(output.suffix, "flamegraph")
     return subprocess.Popen(
-        [py_spy_path(), "record", "--pid", str(pid), "--duration", str(duration), "--rate", "100",
-         "--nonblocking", "--threads", "--format", fmt, "--output", str(output)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            py_spy_path(),
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(duration),
+            "--rate",
+            "100",
+            "--nonblocking",
+            "--threads",
+            "--format",
+            fmt,
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
 
 
@@ -171,8 +211,9 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         bare, bare_port = stack.start_bare(procs)
         bare_files = workdir / "bare-requests"
         webhooks.write_files(bare_files, THREADS, BARE_DISTINCT, bare_port, keys.stripe)
-        progress(f"ingest: bare Starlette + uvicorn endpoint, {duration} s at {CONNECTIONS} "
-                 "connections")
+        progress(
+            f"ingest: bare Starlette + uvicorn endpoint, {duration} s at {CONNECTIONS} connections"
+        )
         before = run_wrk(bare_port, bare_files, duration, bare.pid)
         progress("  " + _describe("bare", before))
 
@@ -182,8 +223,12 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         relay_files = workdir / "relay-requests"
         webhooks.write_files(relay_files, THREADS, distinct, relay.port, keys.stripe)
         progress(f"ingest: relay, {duration} s at {CONNECTIONS} connections")
-        r = _profiled(lambda: run_wrk(relay.port, relay_files, duration, relay.child.pid),
-                      relay.child.pid, duration, profile)
+        r = _profiled(
+            lambda: run_wrk(relay.port, relay_files, duration, relay.child.pid),
+            relay.child.pid,
+            duration,
+            profile,
+        )
         progress("  " + _describe("relay", r))
         time.sleep(0.5)  # let requests cut off by wrk's stop finish
         code = procs.stop(relay.child)
@@ -201,8 +246,9 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
     return rows(before, after, r, counts)
 
 
-def _profiled(work: Callable[[], WrkResult], pid: int, duration: int,
-              profile: Path | None) -> WrkResult:
+def _profiled(
+    work: Callable[[], WrkResult], pid: int, duration: int, profile: Path | None
+) -> WrkResult:
     if profile is None:
         return work()
     spy = start_profiler(pid, duration, profile)
@@ -234,14 +280,20 @@ def rows(before: WrkResult, after: WrkResult, r: WrkResult, counts: stack.Counts
         and 0 <= extra <= cut_off
         and raw["duplicates"] <= raw["repeats"]  # only a repeated request is a duplicate
     )
-    progress(f"  relay database: {counts}; answered accepted={raw['accepted']:,}, "
-             f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
-             f"stored of those={extra}, repeated requests={raw['repeats']}")
+    progress(
+        f"  relay database: {counts}; answered accepted={raw['accepted']:,}, "
+        f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
+        f"stored of those={extra}, repeated requests={raw['repeats']}"
+    )
     if drift > DRIFT_WARNING:
-        progress(f"  warning: the bare endpoint's rate moved {drift:.0%} between its two runs: "
-                 "the machine's speed varied; run again for a steadier ratio")
-    stored = (f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
-              f"answered + {extra} of {cut_off} in flight at the stop")
+        progress(
+            f"  warning: the bare endpoint's rate moved {drift:.0%} between its two runs: "
+            "the machine's speed varied; run again for a steadier ratio"
+        )
+    stored = (
+        f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
+        f"answered + {extra} of {cut_off} in flight at the stop"
+    )
     if raw["repeats"]:
         stored += f"; {raw['repeats']:,} repeats (distinct requests ran out)"
     statuses = ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items()))
@@ -249,19 +301,34 @@ def rows(before: WrkResult, after: WrkResult, r: WrkResult, counts: stack.Counts
         statuses += f", {r.socket_errors} socket errors"
     unsteady = f", machine drift {drift:.0%}!" if drift > DRIFT_WARNING else ""
     return [
-        Row("ingest", "bare requests/s (before / after relay)",
-            f"{before.rps:,.0f} / {after.rps:,.0f}, mean {bare_rps:,.0f}{unsteady}"),
+        Row(
+            "ingest",
+            "bare requests/s (before / after relay)",
+            f"{before.rps:,.0f} / {after.rps:,.0f}, mean {bare_rps:,.0f}{unsteady}",
+        ),
         Row("ingest", "bare CPU (server / wrk)", f"{_cores(before)}, {_cores(after)}"),
-        Row("ingest", "bare p50 / p99 latency (before / after)",
+        Row(
+            "ingest",
+            "bare p50 / p99 latency (before / after)",
             f"{before.p50_ms:.1f} / {before.p99_ms:.1f} ms, "
-            f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms"),
+            f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms",
+        ),
         Row("ingest", "relay requests/s", f"{r.rps:,.0f}"),
         Row("ingest", "relay CPU (server / wrk)", f"{_cores(r)}"),
-        Row("ingest", "relay / bare requests/s", f"{ratio:.2f}", f">= {RATIO_TARGET}",
-            ratio >= RATIO_TARGET),
-        Row("ingest", "relay p50 / p99 / max latency",
+        Row(
+            "ingest",
+            "relay / bare requests/s",
+            f"{ratio:.2f}",
+            f">= {RATIO_TARGET}",
+            ratio >= RATIO_TARGET,
+        ),
+        Row(
+            "ingest",
+            "relay p50 / p99 / max latency",
             f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.max_ms:.0f} ms",
-            f"p99 <= {P99_TARGET_MS:.0f} ms", r.p99_ms <= P99_TARGET_MS),
+            f"p99 <= {P99_TARGET_MS:.0f} ms",
+            r.p99_ms <= P99_TARGET_MS,
+        ),
         Row("ingest", "relay answers", statuses or "none", "all 200", r.all_200),
         Row("ingest", "relay events stored once", stored, "each exactly once", stored_once),
     ]

@@ -41,8 +41,9 @@ def relay_command() -> list[str]:
 def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
     """A minimal HTTP/1.1 GET on 127.0.0.1 (no client library: used while timing a start)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-                  .encode())
+        s.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -110,14 +111,23 @@ class Procs:
         self.workdir = workdir
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None,
-              env: dict[str, str] | None = None) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Child:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as out:
             spawned = time.perf_counter()
             popen = subprocess.Popen(
-                list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd or self.workdir, env={**os.environ, **(env or {})},
+                list(argv),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd or self.workdir,
+                env={**os.environ, **(env or {})},
                 start_new_session=True,
             )
         child = Child(name, popen, log, spawned)

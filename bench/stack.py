@@ -61,14 +61,21 @@ class Relay:
     ready_seconds: float
 
 
-def start_relay(procs: Procs, workdir: Path, name: str, keys: Secrets, track_port: int,
-                requests_per_minute: int = 60) -> Relay:
+def start_relay(
+    procs: Procs,
+    workdir: Path,
+    name: str,
+    keys: Secrets,
+    track_port: int,
+    requests_per_minute: int = 60,
+) -> Relay:
     port = free_port()
     database = workdir / f"{name}.db"
     config = workdir / f"{name}.toml"
     config.write_text(relay_toml(database, port, track_port, requests_per_minute))
-    child = procs.start(name, [*relay_command(), "serve", "--config", str(config)],
-                        cwd=REPO, env=keys.env())
+    child = procs.start(
+        name, [*relay_command(), "serve", "--config", str(config)], cwd=REPO, env=keys.env()
+    )
     ready = child.wait_http(port, "/healthz")
     return Relay(child, port, database, ready)
 
@@ -88,8 +95,10 @@ class Sandbox:
 
     def post(self, path: str, payload: Any) -> Any:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}{path}", data=json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json"}, method="POST",
+            f"http://127.0.0.1:{self.port}{path}",
+            data=json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
@@ -102,14 +111,33 @@ class Sandbox:
         return data
 
 
-def start_sandbox(procs: Procs, workdir: Path, name: str, keys: Secrets,
-                  requests_per_minute: int, port: int | None = None) -> Sandbox:
+def start_sandbox(
+    procs: Procs,
+    workdir: Path,
+    name: str,
+    keys: Secrets,
+    requests_per_minute: int,
+    port: int | None = None,
+) -> Sandbox:
     port = port or free_port()
-    child = procs.start(name, [
-        *relay_command(), "sandbox", "--port", str(port), "--api-key", keys.api_key,
-        "--website-id", "1", "--requests-per-minute", str(requests_per_minute),
-        "--database", str(workdir / f"{name}.db"),
-    ], cwd=REPO)
+    child = procs.start(
+        name,
+        [
+            *relay_command(),
+            "sandbox",
+            "--port",
+            str(port),
+            "--api-key",
+            keys.api_key,
+            "--website-id",
+            "1",
+            "--requests-per-minute",
+            str(requests_per_minute),
+            "--database",
+            str(workdir / f"{name}.db"),
+        ],
+        cwd=REPO,
+    )
     child.wait_http(port, "/_sandbox/requests")
     return Sandbox(child, port, keys.api_key)
 
@@ -136,6 +164,7 @@ class Counts:
 
 def count_rows(database: Path) -> Counts:
     conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+
     def one(sql: str) -> int:
         return int(conn.execute(sql).fetchone()[0])
 
@@ -156,6 +185,7 @@ def count_rows(database: Path) -> Counts:
 
 def database_bytes(database: Path) -> tuple[int, int]:
     """(main file, WAL) sizes in bytes."""
+
     def size(p: Path) -> int:
         return p.stat().st_size if p.exists() else 0
 

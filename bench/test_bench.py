@@ -45,8 +45,9 @@ def test_requests_are_distinct_1kb_and_verify_with_the_relays_stripe_provider() 
         line, headers, body = _split(raw)
         assert line == "POST /webhooks/stripe HTTP/1.1"
         assert int(headers["content-length"]) == len(body) == webhooks.BODY_BYTES
-        wr = WebhookRequest("POST", "http://127.0.0.1:8000/webhooks/stripe", headers, body,
-                            time.time())
+        wr = WebhookRequest(
+            "POST", "http://127.0.0.1:8000/webhooks/stripe", headers, body, time.time()
+        )
         provider.verify(wr)
         event = json.loads(body)
         assert event["type"] == "checkout.session.completed"
@@ -110,17 +111,33 @@ def test_forward_refuses_a_backlog_shorter_than_a_minute() -> None:
 
 
 def _counts(n: int, delivered: int = 0, outbox: int | None = None) -> Counts:
-    return Counts(webhooks=n, dedupe=n, events=n, distinct_event_keys=n, mapped=n,
-                  outbox=n if outbox is None else outbox,
-                  outbox_by_state={2: delivered, 0: n - delivered})
+    return Counts(
+        webhooks=n,
+        dedupe=n,
+        events=n,
+        distinct_event_keys=n,
+        mapped=n,
+        outbox=n if outbox is None else outbox,
+        outbox_by_state={2: delivered, 0: n - delivered},
+    )
 
 
-def _wrk(answered: int, issued: int, accepted: int, rps: float = 1000.0, p99: float = 20.0,
-         statuses: dict[str, int] | None = None, duplicates: int = 0,
-         repeats: int = 0) -> ingest.WrkResult:
+def _wrk(
+    answered: int,
+    issued: int,
+    accepted: int,
+    rps: float = 1000.0,
+    p99: float = 20.0,
+    statuses: dict[str, int] | None = None,
+    duplicates: int = 0,
+    repeats: int = 0,
+) -> ingest.WrkResult:
     raw = {
-        "requests": answered, "issued": issued, "accepted": accepted,
-        "duplicates": duplicates, "repeats": repeats,
+        "requests": answered,
+        "issued": issued,
+        "accepted": accepted,
+        "duplicates": duplicates,
+        "repeats": repeats,
         "errors": {"connect": 0, "read": 0, "write": 0, "status": 0, "timeout": 0},
         "by_status": statuses if statuses is not None else {"200": answered},
         "latency_us": {"max": 90_000},
@@ -141,11 +158,14 @@ def test_ingest_passes_when_every_answer_was_stored_once() -> None:
     assert rows["relay events stored once"].ok is True
 
 
-@pytest.mark.parametrize("counts", [
-    _counts(999),  # an accepted event is missing
-    _counts(1065),  # more stored than were ever sent
-    _counts(1000, outbox=1001),  # an event queued twice
-])
+@pytest.mark.parametrize(
+    "counts",
+    [
+        _counts(999),  # an accepted event is missing
+        _counts(1065),  # more stored than were ever sent
+        _counts(1000, outbox=1001),  # an event queued twice
+    ],
+)
 def test_ingest_fails_when_storage_does_not_match_the_answers(counts: Counts) -> None:
     relay = _wrk(1000, 1064, 1000)
     rows = _by_measure(ingest.rows(relay, relay, relay, counts))

@@ -101,7 +101,7 @@ def parse_examples(
 
 def _expected(at: str, raw: Any, fail: cabc.Callable[[str | None, str], NoReturn]) -> Expected:
     if not isinstance(raw, dict):
-        fail(at, "must be a table such as { name = \"purchase\", payload = { ... } }")
+        fail(at, 'must be a table such as { name = "purchase", payload = { ... } }')
     for key in raw:
         if key not in _EXPECT_KEYS:
             fail(f"{at}.{key}", f"unknown key (an expected event holds {', '.join(_EXPECT_KEYS)})")
@@ -188,8 +188,7 @@ def run_examples(
             got = ", ".join(f"{e.name} from {mapping.rule_label(r)}" for r, e in produced)
             want = ", ".join(e.name for e in example.expect)
             problem(
-                f"expected {len(example.expect)} event(s) [{want}], "
-                f"got {len(produced)} [{got}]"
+                f"expected {len(example.expect)} event(s) [{want}], got {len(produced)} [{got}]"
             )
             continue
         for position, ((rule, got_event), want_event) in enumerate(

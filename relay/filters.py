@@ -23,8 +23,24 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Currencies whose amounts Stripe gives in other than hundredths: the zero-decimal ones and
 # the three-decimal ones. Every other currency has two decimals.
-_ZERO_DECIMAL = ("BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "UGX",
-                 "VND", "VUV", "XAF", "XOF", "XPF")
+_ZERO_DECIMAL = (
+    "BIF",
+    "CLP",
+    "DJF",
+    "GNF",
+    "JPY",
+    "KMF",
+    "KRW",
+    "MGA",
+    "PYG",
+    "RWF",
+    "UGX",
+    "VND",
+    "VUV",
+    "XAF",
+    "XOF",
+    "XPF",
+)
 _THREE_DECIMAL = ("BHD", "JOD", "KWD", "OMR", "TND")
 _CURRENCY_DIGITS = {**dict.fromkeys(_ZERO_DECIMAL, 0), **dict.fromkeys(_THREE_DECIMAL, 3)}
 

@@ -106,9 +106,7 @@ def fit(
             notes.append(f"payload.{key} cut to {MAX_VALUE} characters")
         kept[key] = value
     if extra:
-        notes.append(
-            f"payload has more than {MAX_PAYLOAD_KEYS} keys: dropped {', '.join(extra)}"
-        )
+        notes.append(f"payload has more than {MAX_PAYLOAD_KEYS} keys: dropped {', '.join(extra)}")
 
     if visitor_id and not is_uuid(visitor_id):
         notes.append("visitor_id is not a UUID: dropped")

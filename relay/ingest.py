@@ -18,14 +18,11 @@ from relay.errors import ConfigError, InvalidBody, StoreError, Unavailable, Unkn
 from relay.examples import run_examples
 from relay.mapping import Mapping, MapResult, load_mapping
 from relay.metrics import Metrics
-from relay.providers.base import ProviderEvent, WebhookRequest
+from relay.providers.base import CREDENTIAL_HEADERS, ProviderEvent, WebhookRequest
 from relay.providers.shared import SharedToken
 from relay.store import IncomingEvent, IngestResult, Output, Store
 
 log = logging.getLogger("relay.webhook")
-
-# Headers that carry credentials: never stored, never shown to templates.
-_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
 def load_mappings(config: Config) -> dict[str, Mapping]:
@@ -41,7 +38,7 @@ def load_mappings(config: Config) -> dict[str, Mapping]:
 
 
 def safe_headers(source: Source, headers: MappingABC[str, str]) -> dict[str, str]:
-    hidden = set(_CREDENTIAL_HEADERS)
+    hidden = set(CREDENTIAL_HEADERS)
     if isinstance(source.verifier, SharedToken) and source.verifier.header:
         hidden.add(source.verifier.header)
     return {k: v for k, v in headers.items() if k not in hidden}

@@ -34,13 +34,12 @@ from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
 from relay.fitting import MAX_NAME, MAX_PAYLOAD_KEYS, MAX_URL, MAX_VALUE, TrackEvent, fit, is_uuid
-from relay.providers.base import ProviderEvent
+from relay.providers.base import CREDENTIAL_HEADERS, ProviderEvent
 from relay.tomllines import KeyLines
 
 _TOP_KEYS = ("provider", "events", "examples")
 _RULE_KEYS = ("on", "if", "name", "visitor_id", "url", "referrer", "payload")
 _OPTIONAL = ("visitor_id", "url", "referrer")
-_HIDDEN_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _MAX_REASON = 300
 
 Fail = cabc.Callable[[str | None, str], NoReturn]
@@ -251,7 +250,7 @@ class Mapping:
         self, event: ProviderEvent, source: str, headers: cabc.Mapping[str, str]
     ) -> dict[str, Any]:
         data = event.data
-        shown = {k.lower(): v for k, v in headers.items() if k.lower() not in _HIDDEN_HEADERS}
+        shown = {k.lower(): v for k, v in headers.items() if k.lower() not in CREDENTIAL_HEADERS}
         return {
             **self._globals,
             **(data if isinstance(data, cabc.Mapping) else {}),  # a generic body may be a list
@@ -420,8 +419,15 @@ class _Unsafe(Exception):
 
 # Statements that write to a template's context; a template holding one gets its own.
 _WRITES = (
-    nodes.Assign, nodes.AssignBlock, nodes.Macro, nodes.CallBlock, nodes.Block, nodes.Extends,
-    nodes.Include, nodes.Import, nodes.FromImport,
+    nodes.Assign,
+    nodes.AssignBlock,
+    nodes.Macro,
+    nodes.CallBlock,
+    nodes.Block,
+    nodes.Extends,
+    nodes.Include,
+    nodes.Import,
+    nodes.FromImport,
 )
 
 
@@ -444,6 +450,10 @@ def _check_tree(tree: nodes.Template) -> None:
 
 def _type_name(value: Any) -> str:
     return {
-        str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-        list: "a list", dict: "a table",
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
     }.get(type(value), type(value).__name__)

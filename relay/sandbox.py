@@ -70,8 +70,9 @@ ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
-def error(status: int, message: str | None = None, headers: dict[str, str] | None = None,
-          **extra: Any) -> JSONResponse:
+def error(
+    status: int, message: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
     """The track API's error body: {"ok": false, "error": code, "message": ...}."""
     if status in ERRORS:
         code, default = ERRORS[status]
@@ -151,8 +152,9 @@ def validate_event(obj: Any, prefix: str, errors: dict[str, list[str]]) -> Event
                 errors[f"{prefix}payload.{k}"] = [f"must be at most {MAX_VALUE} characters"]
 
     visitor_id = obj.get("visitor_id")
-    if visitor_id is not None and not (isinstance(visitor_id, str)
-                                       and UUID_RE.fullmatch(visitor_id)):
+    if visitor_id is not None and not (
+        isinstance(visitor_id, str) and UUID_RE.fullmatch(visitor_id)
+    ):
         errors[prefix + "visitor_id"] = ["must be a valid UUID"]
 
     for field in ("url", "referrer"):
@@ -164,8 +166,13 @@ def validate_event(obj: Any, prefix: str, errors: dict[str, list[str]]) -> Event
 
     if len(errors) > before:
         return None
-    return Event(name=str(name), payload=payload, visitor_id=visitor_id,
-                 url=obj.get("url"), referrer=obj.get("referrer"))
+    return Event(
+        name=str(name),
+        payload=payload,
+        visitor_id=visitor_id,
+        url=obj.get("url"),
+        referrer=obj.get("referrer"),
+    )
 
 
 def parse_single(body: bytes) -> Event:
@@ -224,9 +231,13 @@ class DroppedResponse(Response):
         super().__init__(status_code=200)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"4096")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"4096")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"ok": tr', "more_body": True})
         # Returning with the body incomplete makes uvicorn close the connection.
 
@@ -234,9 +245,16 @@ class DroppedResponse(Response):
 class Sandbox:
     """The sandbox's state and handlers; ``app.state.sandbox`` of the app."""
 
-    def __init__(self, api_keys: Sequence[str], website_ids: Sequence[int],
-                 requests_per_minute: int, database: str | Path, monthly_quota: int | None,
-                 plan: str, clock: Callable[[], float]):
+    def __init__(
+        self,
+        api_keys: Sequence[str],
+        website_ids: Sequence[int],
+        requests_per_minute: int,
+        database: str | Path,
+        monthly_quota: int | None,
+        plan: str,
+        clock: Callable[[], float],
+    ):
         self._keys = {hashlib.sha256(k.encode()).hexdigest(): Secret(k) for k in api_keys}
         self.website_ids = frozenset(website_ids)
         self.monthly_quota = monthly_quota
@@ -287,12 +305,14 @@ class Sandbox:
                     if rule.drop:
                         response = DroppedResponse()
                     elif rule.malformed:
-                        response = Response(b'{"ok": true, "event_id": <html>', 200,
-                                            media_type="application/json")
+                        response = Response(
+                            b'{"ok": true, "event_id": <html>', 200, media_type="application/json"
+                        )
                     elif rule.status == 429:
                         retry = rule.retry_after or 1
-                        response = error(429, headers={"Retry-After": str(retry)},
-                                         retry_after=retry)
+                        response = error(
+                            429, headers={"Retry-After": str(retry)}, retry_after=retry
+                        )
                     else:
                         response = error(rule.status or 500)
                 else:
@@ -301,12 +321,14 @@ class Sandbox:
             logger.exception("sandbox track request failed")
             response = error(500)
         status = DROPPED if isinstance(response, DroppedResponse) else response.status_code
-        self.requests.record(at, key_fp, website_id, status, count_events(body, batch),
-                             batch, faulted)
+        self.requests.record(
+            at, key_fp, website_id, status, count_events(body, batch), batch, faulted
+        )
         return response
 
-    def _accept(self, key_fp: str, website_id: int | None, body: bytes, batch: bool,
-                at: float) -> Response:
+    def _accept(
+        self, key_fp: str, website_id: int | None, body: bytes, batch: bool, at: float
+    ) -> Response:
         retry = self.window.hit(key_fp)
         if retry is not None:
             return error(429, headers={"Retry-After": str(retry)}, retry_after=retry)
@@ -319,11 +341,15 @@ class Sandbox:
         except Invalid as e:
             return e.response()
         try:
-            ids = self.store.insert(website_id, key_fp, events, round(at, 3),
-                                    self.monthly_quota, month_start(at))
+            ids = self.store.insert(
+                website_id, key_fp, events, round(at, 3), self.monthly_quota, month_start(at)
+            )
         except QuotaExceeded as e:
-            return error(402, f"Monthly event quota exceeded ({e.used} of {e.quota} events "
-                              f"used; this request has {len(events)}).")
+            return error(
+                402,
+                f"Monthly event quota exceeded ({e.used} of {e.quota} events "
+                f"used; this request has {len(events)}).",
+            )
         if batch:
             return JSONResponse({"ok": True, "processed": len(ids), "event_ids": ids})
         return JSONResponse({"ok": True, "event_id": ids[0]})
@@ -359,8 +385,9 @@ class Sandbox:
         return JSONResponse({"ok": True, **self.requests.snapshot()})
 
 
-def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
-        [Request], Awaitable[Response]]:
+def guarded(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
     """Internal errors answer a JSON 500 and keep the connection (an escaping exception would
     make uvicorn close it under a client that already got its answer)."""
 
@@ -377,8 +404,11 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[
 async def _http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException) and exc.status_code != 500:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "client_error")
-        return JSONResponse({"ok": False, "error": code, "message": exc.detail},
-                            status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"ok": False, "error": code, "message": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
     return error(500)
 
 
@@ -402,8 +432,9 @@ def create_app(
         raise ConfigError(None, "monthly_quota", "must be 0 or more")
     if plan not in ("pro", "free"):
         raise ConfigError(None, "plan", f"must be 'pro' or 'free', not {plan!r}")
-    sandbox = Sandbox(api_keys, website_ids, requests_per_minute, database, monthly_quota, plan,
-                      clock)
+    sandbox = Sandbox(
+        api_keys, website_ids, requests_per_minute, database, monthly_quota, plan, clock
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -415,21 +446,33 @@ def create_app(
     routes = [
         Route("/api/v1/websites/{website_id}/track", sandbox.track, methods=["POST"]),
         Route("/api/v1/websites/{website_id}/track/batch", sandbox.track_batch, methods=["POST"]),
-        Route("/api/v1/websites/{website_id}/events", guarded(sandbox.list_events),
-              methods=["GET"]),
-        Route("/_sandbox/faults", guarded(sandbox.faults_endpoint),
-              methods=["GET", "POST", "DELETE"]),
+        Route(
+            "/api/v1/websites/{website_id}/events", guarded(sandbox.list_events), methods=["GET"]
+        ),
+        Route(
+            "/_sandbox/faults", guarded(sandbox.faults_endpoint), methods=["GET", "POST", "DELETE"]
+        ),
         Route("/_sandbox/requests", guarded(sandbox.requests_endpoint), methods=["GET", "DELETE"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _http_error})
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _http_error},
+    )
     app.state.sandbox = sandbox
     return app
 
 
-def run(host: str, port: int, api_keys: list[str], website_ids: list[int],
-        requests_per_minute: int, database: str, monthly_quota: int | None = None,
-        plan: str = "pro") -> None:
+def run(
+    host: str,
+    port: int,
+    api_keys: list[str],
+    website_ids: list[int],
+    requests_per_minute: int,
+    database: str,
+    monthly_quota: int | None = None,
+    plan: str = "pro",
+) -> None:
     """Serve the sandbox until interrupted, after printing how to use it."""
     keys = list(api_keys) or ["sk_sandbox_" + secrets.token_hex(16)]
     app = create_app(keys, website_ids, requests_per_minute, database, monthly_quota, plan)
@@ -440,7 +483,9 @@ def run(host: str, port: int, api_keys: list[str], website_ids: list[int],
     print(f"Base URL:  http://{host}:{port}/api/v1")
     print(f"Websites:  {', '.join(str(w) for w in website_ids)}")
     quota = "unlimited" if monthly_quota is None else f"{monthly_quota} events/month per key"
-    print(f"Limit:     {requests_per_minute} requests/minute per key; {MAX_BATCH} events/batch; "
-          f"quota {quota}; plan {plan}")
+    print(
+        f"Limit:     {requests_per_minute} requests/minute per key; {MAX_BATCH} events/batch; "
+        f"quota {quota}; plan {plan}"
+    )
     print(f"Events:    GET http://{host}:{port}/api/v1/websites/{website_ids[0]}/events")
     uvicorn.run(app, host=host, port=port, log_level="info")

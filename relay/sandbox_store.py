@@ -105,8 +105,16 @@ class EventStore:
         With a quota, the key's events since ``month_start`` plus these must fit in it.
         """
         rows = [
-            (website_id, key_fp, e.name, json.dumps(e.payload, ensure_ascii=False),
-             e.visitor_id, e.url, e.referrer, received_at)
+            (
+                website_id,
+                key_fp,
+                e.name,
+                json.dumps(e.payload, ensure_ascii=False),
+                e.visitor_id,
+                e.url,
+                e.referrer,
+                received_at,
+            )
             for e in events
         ]
         with self._lock:
@@ -152,8 +160,16 @@ class EventStore:
                 [*args, limit],
             ).fetchall()
         events = [
-            {"id": r[0], "name": r[1], "payload": json.loads(r[2]), "visitor_id": r[3],
-             "url": r[4], "referrer": r[5], "received_at": r[6], "key": r[7]}
+            {
+                "id": r[0],
+                "name": r[1],
+                "payload": json.loads(r[2]),
+                "visitor_id": r[3],
+                "url": r[4],
+                "referrer": r[5],
+                "received_at": r[6],
+                "key": r[7],
+            }
             for r in rows
         ]
         return total, events
@@ -193,12 +209,28 @@ class RequestLog:
         self._records: deque[dict[str, Any]] = deque(maxlen=size)
         self._by_status: Counter[int] = Counter()
 
-    def record(self, at: float, key_fp: str | None, website_id: int | None, status: int,
-               events: int, batch: bool, fault: bool) -> None:
+    def record(
+        self,
+        at: float,
+        key_fp: str | None,
+        website_id: int | None,
+        status: int,
+        events: int,
+        batch: bool,
+        fault: bool,
+    ) -> None:
         self._by_status[status] += 1
-        self._records.append({"at": at, "key": key_fp, "website_id": website_id,
-                              "status": status, "events": events, "batch": batch,
-                              "fault": fault})
+        self._records.append(
+            {
+                "at": at,
+                "key": key_fp,
+                "website_id": website_id,
+                "status": status,
+                "events": events,
+                "batch": batch,
+                "fault": fault,
+            }
+        )
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -245,12 +277,21 @@ class FaultRule:
 
     def as_dict(self) -> dict[str, Any]:
         left = None if self.count is None else self.count - self.applied
-        return {"id": self.id, "status": self.status, "rate": self.rate,
-                "latency_ms": self.latency_ms, "for_key": self.for_key,
-                "for_website": self.for_website, "drop": self.drop,
-                "malformed": self.malformed, "retry_after": self.retry_after,
-                "count": self.count, "seed": self.seed, "applied": self.applied,
-                "remaining": left}
+        return {
+            "id": self.id,
+            "status": self.status,
+            "rate": self.rate,
+            "latency_ms": self.latency_ms,
+            "for_key": self.for_key,
+            "for_website": self.for_website,
+            "drop": self.drop,
+            "malformed": self.malformed,
+            "retry_after": self.retry_after,
+            "count": self.count,
+            "seed": self.seed,
+            "applied": self.applied,
+            "remaining": left,
+        }
 
 
 def _is_int(v: Any) -> bool:
@@ -275,8 +316,10 @@ class Faults:
         checks: dict[str, tuple[Callable[[Any], bool], str]] = {
             "status": (lambda v: _is_int(v) and 400 <= v <= 599, "must be an integer 400..599"),
             "rate": (lambda v: _is_number(v) and 0 <= v <= 1, "must be a number 0..1"),
-            "latency_ms": (lambda v: _is_number(v) and 0 <= v <= 600_000,
-                           "must be a number of milliseconds 0..600000"),
+            "latency_ms": (
+                lambda v: _is_number(v) and 0 <= v <= 600_000,
+                "must be a number of milliseconds 0..600000",
+            ),
             "for_key": (lambda v: isinstance(v, str) and v != "", "must be a non-empty string"),
             "for_website": (_is_int, "must be an integer"),
             "drop": (lambda v: isinstance(v, bool), "must be a boolean"),

@@ -15,7 +15,6 @@ from typing import Any
 from relay.db import Writer, connect
 
 PENDING, IN_FLIGHT, DELIVERED, DEAD = 0, 1, 2, 3
-STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in_flight", DELIVERED: "delivered", DEAD: "dead"}
 
 
 @dataclass

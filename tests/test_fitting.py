@@ -25,7 +25,9 @@ def test_an_event_that_fits_is_kept_whole_without_notes() -> None:
     payload = {"order_id": "cs_1", "amount": "49.99"}
     event, notes = fit("purchase", payload, VID, "https://example.com/a", "https://ref.example/")
     assert notes == []
-    assert event == TrackEvent("purchase", payload, VID, "https://example.com/a", "https://ref.example/")
+    assert event == TrackEvent(
+        "purchase", payload, VID, "https://example.com/a", "https://ref.example/"
+    )
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def only(result: MapResult) -> TrackEvent:
     ],
 )
 def test_on_globs(make_mapping: MakeMapping, on: str, event_type: str, matches: bool) -> None:
-    m = make_mapping(f"[[events]]\non = {on}\nname = \"hit\"\n")
+    m = make_mapping(f'[[events]]\non = {on}\nname = "hit"\n')
     result = apply(m, ev(event_type))
     assert names(result) == (["hit"] if matches else [])
     assert result.ignored is not matches
@@ -176,19 +176,30 @@ note = "{{ data.object.note }}   "
 
 def checkout(**obj: Any) -> ProviderEvent:
     base = {"id": "cs_test_1", "amount_total": 4999, "currency": "usd"}
-    return ev("checkout.session.completed", {"type": "checkout.session.completed",
-                                             "data": {"object": {**base, **obj}}})
+    return ev(
+        "checkout.session.completed",
+        {"type": "checkout.session.completed", "data": {"object": {**base, **obj}}},
+    )
 
 
 def test_fields_render_from_the_event(make_mapping: MakeMapping) -> None:
     m = make_mapping(CHECKOUT)
-    meta = {"visitor_id": VID, "page_url": "https://example.com/pricing", "plan": "pro",
-            "referrer": "https://news.example/"}
+    meta = {
+        "visitor_id": VID,
+        "page_url": "https://example.com/pricing",
+        "plan": "pro",
+        "referrer": "https://news.example/",
+    }
     event = only(apply(m, checkout(metadata=meta, note="gift")))
     assert event == TrackEvent(
         "purchase",
-        {"order_id": "cs_test_1", "amount": "49.99", "currency": "USD", "plan": "pro",
-         "note": "gift"},
+        {
+            "order_id": "cs_test_1",
+            "amount": "49.99",
+            "currency": "USD",
+            "plan": "pro",
+            "note": "gift",
+        },
         VID,
         "https://example.com/pricing",
         "https://news.example/",
@@ -242,7 +253,10 @@ def test_json_keys_win_over_dict_methods(make_mapping: MakeMapping) -> None:
     items = {"data": [{"price": {"nickname": "pro"}}]}
     data = {"sub": {"items": items, "keys": "k", "values": "v"}}
     assert only(apply(m, ev("t", data))).payload == {
-        "items": "pro", "keys": "k", "values": "v", "get": "k"
+        "items": "pro",
+        "keys": "k",
+        "values": "v",
+        "get": "k",
     }
 
 
@@ -262,13 +276,21 @@ def test_templates_see_event_type_source_and_headers(make_mapping: MakeMapping) 
         """
     )
     data = {"id": "evt_9", "event": "delivered", "source": "spoofed"}
-    headers = {"Webhook-ID": "msg_1", "Authorization": "Basic c2VjcmV0", "Cookie": "s=1",
-               "Proxy-Authorization": "Basic eA=="}
+    headers = {
+        "Webhook-ID": "msg_1",
+        "Authorization": "Basic c2VjcmV0",
+        "Cookie": "s=1",
+        "Proxy-Authorization": "Basic eA==",
+    }
     event = only(apply(m, ev("email.delivered", data), "mail", headers))
     assert event.name == "email.delivered"
     # the four names of the context win over event fields; credentials are not shown
     assert event.payload == {
-        "top": "evt_9", "whole": "evt_9", "source": "mail", "header": "msg_1", "shadowed": "true"
+        "top": "evt_9",
+        "whole": "evt_9",
+        "source": "mail",
+        "header": "msg_1",
+        "shadowed": "true",
     }
 
 
@@ -316,10 +338,16 @@ def test_everything_jinja_offers_still_works(make_mapping: MakeMapping) -> None:
         ("{{ v | cents(nothing) }}", 4999, "49.99"),
         ("{{ v | cents }}", None, None),
         ("{{ nothing | cents }}", None, None),
-        ("{{ v | sha256 }}", "jenny@example.com",
-         "2bb1c62d1d1a1eb20e95be953a9c86c30a50f38d297efa475d636d580ed7f696"),
-        ("{{ v | sha256(normalize=true) }}", "  Jenny@Example.COM ",
-         "2bb1c62d1d1a1eb20e95be953a9c86c30a50f38d297efa475d636d580ed7f696"),
+        (
+            "{{ v | sha256 }}",
+            "jenny@example.com",
+            "2bb1c62d1d1a1eb20e95be953a9c86c30a50f38d297efa475d636d580ed7f696",
+        ),
+        (
+            "{{ v | sha256(normalize=true) }}",
+            "  Jenny@Example.COM ",
+            "2bb1c62d1d1a1eb20e95be953a9c86c30a50f38d297efa475d636d580ed7f696",
+        ),
         ("{{ v | sha256(normalize=true) }}", "   ", None),
         ("{{ nothing | sha256 }}", None, None),
         ("{{ v | iso8601 }}", 1714564800, "2024-05-01T12:00:00Z"),
@@ -423,8 +451,9 @@ def test_the_same_rules_work_on_good_data(make_mapping: MakeMapping) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -434,8 +463,23 @@ def stripe_mapping() -> Mapping:
     return load_mapping(Path(__file__).parent.parent / "mappings" / "stripe.toml")
 
 
-FIELDS = ["id", "amount_total", "amount_paid", "currency", "metadata", "items", "data", "price",
-          "payment_status", "visitor_id", "canceled_at", "refunded", "parent", "status", "0"]
+FIELDS = [
+    "id",
+    "amount_total",
+    "amount_paid",
+    "currency",
+    "metadata",
+    "items",
+    "data",
+    "price",
+    "payment_status",
+    "visitor_id",
+    "canceled_at",
+    "refunded",
+    "parent",
+    "status",
+    "0",
+]
 objects = st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=8)
 
 
@@ -592,8 +636,13 @@ LOAD_ERRORS: list[tuple[str, str, str | None, int | None, str]] = [
     ("top key", 'provider = "stripe"\nrules = []\n', "rules", 2, "unknown key"),
     ("provider", 'provider = "paypal"\n', "provider", 1, "must be one of"),
     ("events type", 'events = "x"\n', "events", 1, "array of tables"),
-    ("rule key", '[[events]]\non = "a"\nname = "n"\n[[events]]\non = "b"\nnmae = "n"\n',
-     "events[1].nmae", 6, "unknown key"),
+    (
+        "rule key",
+        '[[events]]\non = "a"\nname = "n"\n[[events]]\non = "b"\nnmae = "n"\n',
+        "events[1].nmae",
+        6,
+        "unknown key",
+    ),
     ("missing on", '[[events]]\nname = "n"\n', "events[0]", 1, "needs `on`"),
     ("missing name", '[[events]]\non = "a"\n', "events[0]", 1, "needs `name`"),
     ("on type", '[[events]]\non = 5\nname = "n"\n', "events[0].on", 2, "glob"),
@@ -601,39 +650,112 @@ LOAD_ERRORS: list[tuple[str, str, str | None, int | None, str]] = [
     ("on empty", '[[events]]\non = ["a", ""]\nname = "n"\n', "events[0].on", 2, "non-empty"),
     ("name type", '[[events]]\non = "a"\nname = 5\n', "events[0].name", 3, "must be a string"),
     ("if type", '[[events]]\non = "a"\nif = true\nname = "n"\n', "events[0].if", 3, "expression"),
-    ("if syntax", '[[events]]\non = "a"\nif = "a ==="\nname = "n"\n', "events[0].if", 3,
-     "expression error"),
-    ("if two", '[[events]]\non = "a"\nif = "a b"\nname = "n"\n', "events[0].if", 3,
-     "expression error"),
-    ("payload type", '[[events]]\non = "a"\nname = "n"\npayload = "x"\n', "events[0].payload", 4,
-     "table"),
-    ("payload value", '[[events]]\non = "a"\nname = "n"\n[events.payload]\nok = "1"\namount = 5\n',
-     "events[0].payload.amount", 6, "must be a string"),
-    ("syntax", '[[events]]\non = "a"\nname = "n"\n[events.payload]\nid = "{{ data.id }"\n',
-     "events[0].payload.id", 5, "template error"),
-    ("unknown filter", '[[events]]\non = "a"\nname = "{{ x | centz }}"\n', "events[0].name", 3,
-     "no filter named 'centz'"),
-    ("unknown filter in if",
-     '[[events]]\non = "a"\nname = "n"\nurl = "{% if x %}{{ x | nope }}{% endif %}"\n',
-     "events[0].url", 4, "no filter named 'nope'"),
-    ("unknown filter in cond", '[[events]]\non = "a"\nif = "x | nope"\nname = "n"\n',
-     "events[0].if", 3, "no filter named 'nope'"),
-    ("unknown test", '[[events]]\non = "a"\nname = "{{ x is nope }}"\n', "events[0].name", 3,
-     "no test named 'nope'"),
-    ("example key", '[[examples]]\ninput = "in.json"\nexpect = []\nfoo = 1\n', "examples[0].foo", 4,
-     "unknown key"),
-    ("example input", '[[examples]]\ninput = "missing.json"\nexpect = []\n', "examples[0].input", 2,
-     "not found"),
+    (
+        "if syntax",
+        '[[events]]\non = "a"\nif = "a ==="\nname = "n"\n',
+        "events[0].if",
+        3,
+        "expression error",
+    ),
+    (
+        "if two",
+        '[[events]]\non = "a"\nif = "a b"\nname = "n"\n',
+        "events[0].if",
+        3,
+        "expression error",
+    ),
+    (
+        "payload type",
+        '[[events]]\non = "a"\nname = "n"\npayload = "x"\n',
+        "events[0].payload",
+        4,
+        "table",
+    ),
+    (
+        "payload value",
+        '[[events]]\non = "a"\nname = "n"\n[events.payload]\nok = "1"\namount = 5\n',
+        "events[0].payload.amount",
+        6,
+        "must be a string",
+    ),
+    (
+        "syntax",
+        '[[events]]\non = "a"\nname = "n"\n[events.payload]\nid = "{{ data.id }"\n',
+        "events[0].payload.id",
+        5,
+        "template error",
+    ),
+    (
+        "unknown filter",
+        '[[events]]\non = "a"\nname = "{{ x | centz }}"\n',
+        "events[0].name",
+        3,
+        "no filter named 'centz'",
+    ),
+    (
+        "unknown filter in if",
+        '[[events]]\non = "a"\nname = "n"\nurl = "{% if x %}{{ x | nope }}{% endif %}"\n',
+        "events[0].url",
+        4,
+        "no filter named 'nope'",
+    ),
+    (
+        "unknown filter in cond",
+        '[[events]]\non = "a"\nif = "x | nope"\nname = "n"\n',
+        "events[0].if",
+        3,
+        "no filter named 'nope'",
+    ),
+    (
+        "unknown test",
+        '[[events]]\non = "a"\nname = "{{ x is nope }}"\n',
+        "events[0].name",
+        3,
+        "no test named 'nope'",
+    ),
+    (
+        "example key",
+        '[[examples]]\ninput = "in.json"\nexpect = []\nfoo = 1\n',
+        "examples[0].foo",
+        4,
+        "unknown key",
+    ),
+    (
+        "example input",
+        '[[examples]]\ninput = "missing.json"\nexpect = []\n',
+        "examples[0].input",
+        2,
+        "not found",
+    ),
     ("example expect", '[[examples]]\ninput = "in.json"\n', "examples[0]", 1, "needs `expect`"),
-    ("expect payload",
-     '[[examples]]\ninput = "in.json"\nexpect = [{ name = "n", payload = { a = 1 } }]\n',
-     "examples[0].expect[0].payload.a", 3, "must be a string"),
-    ("expect name", '[[examples]]\ninput = "in.json"\nexpect = [{ payload = {} }]\n',
-     "examples[0].expect[0].name", 3, "required"),
-    ("expect key", '[[examples]]\ninput = "in.json"\nexpect = [{ name = "n", nam = "x" }]\n',
-     "examples[0].expect[0].nam", 3, "unknown key"),
-    ("headers", '[[examples]]\ninput = "in.json"\nheaders = { a = 1 }\nexpect = []\n',
-     "examples[0].headers", 3, "table"),
+    (
+        "expect payload",
+        '[[examples]]\ninput = "in.json"\nexpect = [{ name = "n", payload = { a = 1 } }]\n',
+        "examples[0].expect[0].payload.a",
+        3,
+        "must be a string",
+    ),
+    (
+        "expect name",
+        '[[examples]]\ninput = "in.json"\nexpect = [{ payload = {} }]\n',
+        "examples[0].expect[0].name",
+        3,
+        "required",
+    ),
+    (
+        "expect key",
+        '[[examples]]\ninput = "in.json"\nexpect = [{ name = "n", nam = "x" }]\n',
+        "examples[0].expect[0].nam",
+        3,
+        "unknown key",
+    ),
+    (
+        "headers",
+        '[[examples]]\ninput = "in.json"\nheaders = { a = 1 }\nexpect = []\n',
+        "examples[0].headers",
+        3,
+        "table",
+    ),
 ]
 
 
@@ -705,21 +827,21 @@ def test_lint_finds_rules_that_can_never_fit(make_mapping: MakeMapping) -> None:
         name = ""
         [[events]]
         on = "b"
-        name = "{'n' * 129}"
+        name = "{"n" * 129}"
         visitor_id = "visitor-1"
-        url = "{'u' * 2049}"
+        url = "{"u" * 2049}"
         [events.payload]
-        long = "{'x' * 256}"
+        long = "{"x" * 256}"
         [[events]]
         on = "c"
         name = "fine"
         [events.payload]
-{textwrap.indent(many, ' ' * 8)}
+{textwrap.indent(many, " " * 8)}
         [[events]]
         on = "d"
-        name = "{'n' * 128}"
+        name = "{"n" * 128}"
         visitor_id = "{VID}"
-        payload = {{ ok = "{'x' * 255}" }}
+        payload = {{ ok = "{"x" * 255}" }}
         """
     )
     problems = m.lint()

@@ -55,9 +55,13 @@ def test_every_stripe_rule_has_an_example() -> None:
     provider = provider_for(mapping)
     used: set[int] = set()
     for example in mapping.examples:
-        request = WebhookRequest("POST", "https://example.com/webhooks/stripe",
-                                 {"content-type": "application/json"},
-                                 example.path.read_bytes(), 0.0)
+        request = WebhookRequest(
+            "POST",
+            "https://example.com/webhooks/stripe",
+            {"content-type": "application/json"},
+            example.path.read_bytes(),
+            0.0,
+        )
         for event in provider.parse(request):
             used.update(m.rule for m in mapping.apply(event, "stripe", {}).outputs)
     assert used == set(range(len(mapping.rules)))
@@ -134,20 +138,32 @@ def test_a_matching_example_has_no_problems(tmp_path: Path, stripe: Provider) ->
     ("expect", "message"),
     [
         ('{ name = "order" }', "name: expected 'order', got 'purchase'"),
-        ('{ name = "purchase", payload = { order_id = "cs_test_1" } }',
-         "payload.amount: not expected, got '49.99'"),  # ...but a payload is compared exactly
-        ('{ name = "purchase", payload = { order_id = "cs_test_1", amount = "4999" } }',
-         "payload.amount: expected '4999', got '49.99'"),
-        ('{ name = "purchase", payload = { order_id = "cs_test_1", amount = "49.99", '
-         'plan = "pro" } }',
-         "payload.plan: expected 'pro', got nothing"),
-        ('{ name = "purchase", visitor_id = "7c9e6679-7425-40de-944b-e07fc1f90ae7" }',
-         "visitor_id: expected '7c9e6679-7425-40de-944b-e07fc1f90ae7', "
-         "got '550e8400-e29b-41d4-a716-446655440000'"),
-        ('{ name = "purchase", url = "" }',
-         "url: expected nothing, got 'https://example.com/pricing'"),
-        ('{ name = "purchase", referrer = "https://r.example/" }',
-         "referrer: expected 'https://r.example/', got nothing"),
+        (
+            '{ name = "purchase", payload = { order_id = "cs_test_1" } }',
+            "payload.amount: not expected, got '49.99'",
+        ),  # ...but a payload is compared exactly
+        (
+            '{ name = "purchase", payload = { order_id = "cs_test_1", amount = "4999" } }',
+            "payload.amount: expected '4999', got '49.99'",
+        ),
+        (
+            '{ name = "purchase", payload = { order_id = "cs_test_1", amount = "49.99", '
+            'plan = "pro" } }',
+            "payload.plan: expected 'pro', got nothing",
+        ),
+        (
+            '{ name = "purchase", visitor_id = "7c9e6679-7425-40de-944b-e07fc1f90ae7" }',
+            "visitor_id: expected '7c9e6679-7425-40de-944b-e07fc1f90ae7', "
+            "got '550e8400-e29b-41d4-a716-446655440000'",
+        ),
+        (
+            '{ name = "purchase", url = "" }',
+            "url: expected nothing, got 'https://example.com/pricing'",
+        ),
+        (
+            '{ name = "purchase", referrer = "https://r.example/" }',
+            "referrer: expected 'https://r.example/', got nothing",
+        ),
     ],
 )
 def test_a_differing_event_is_reported(
@@ -169,11 +185,16 @@ def test_a_differing_event_is_reported(
 @pytest.mark.parametrize(
     ("expect", "message"),
     [
-        ("", "expected 0 event(s) [], got 1 [purchase from events[0] "
-             '(on "checkout.session.completed")]'),
-        (f'{CHECKOUT_EXPECT}, {{ name = "subscribed" }}',
-         "expected 2 event(s) [purchase, subscribed], got 1 [purchase from events[0] "
-         '(on "checkout.session.completed")]'),
+        (
+            "",
+            "expected 0 event(s) [], got 1 [purchase from events[0] "
+            '(on "checkout.session.completed")]',
+        ),
+        (
+            f'{CHECKOUT_EXPECT}, {{ name = "subscribed" }}',
+            "expected 2 event(s) [purchase, subscribed], got 1 [purchase from events[0] "
+            '(on "checkout.session.completed")]',
+        ),
     ],
 )
 def test_a_different_number_of_events_is_reported(

@@ -69,35 +69,72 @@ def mac(key: bytes | str, message: bytes, algorithm: str = "sha256") -> bytes:
 
 # -- each sender, signed here the way that sender signs --------------------------------------
 
-SHOPIFY_BODY = json.dumps({
-    "id": 820982911946154508, "email": "jon@example.com", "total_price": "199.00",
-    "currency": "USD", "financial_status": "paid", "order_number": 1234,
-}).encode()
-INTERCOM_BODY = json.dumps({
-    "type": "notification_event", "app_id": "a86dr8yl", "id": "notif_ccd8a4d2-3d2d-4c5a",
-    "topic": "contact.lead.created", "delivery_attempts": 1, "created_at": 1699999990,
-    "data": {"type": "notification_event_data", "item": {"type": "contact", "role": "lead",
-             "id": "6553a0e1c5b1", "email": "jenny@example.com"}},
-}).encode()
-TYPEFORM_BODY = json.dumps({
-    "event_id": "01HF6Y3Z4M8Q2W7E5R1T9Y6U3I", "event_type": "form_response",
-    "form_response": {"form_id": "lT4Z3j", "token": "a3a12ec67a1365927098a606107fac15",
-                      "submitted_at": "2023-11-14T22:13:20Z",
-                      "hidden": {"visitor_id": "550e8400-e29b-41d4-a716-446655440000"}},
-}).encode()
-CALENDLY_BODY = json.dumps({
-    "created_at": "2023-11-14T22:13:20.000000Z",
-    "created_by": "https://api.calendly.com/users/AAAAAAAAAAAAAAAA",
-    "event": "invitee.created",
-    "payload": {"email": "jenny@example.com", "name": "Jenny Rosen",
-                "uri": "https://api.calendly.com/scheduled_events/GBGBDCAADAEDCRZ2/invitees/AAA"},
-}).encode()
-CLOSE_BODY = json.dumps({
-    "subscription_id": "whsub_2nMFkmWfGJkOH6XIFnFUQd",
-    "event": {"id": "ev_4Qm2dSv1Nt3Rb0PYlUqGrt", "object_type": "lead", "action": "created",
-              "object_id": "lead_QyNaWw4fdSwxl5Mc5daMFf", "date_created": "2023-11-14T22:13:20Z",
-              "data": {"display_name": "Rosen Analytics"}},
-}).encode()
+SHOPIFY_BODY = json.dumps(
+    {
+        "id": 820982911946154508,
+        "email": "jon@example.com",
+        "total_price": "199.00",
+        "currency": "USD",
+        "financial_status": "paid",
+        "order_number": 1234,
+    }
+).encode()
+INTERCOM_BODY = json.dumps(
+    {
+        "type": "notification_event",
+        "app_id": "a86dr8yl",
+        "id": "notif_ccd8a4d2-3d2d-4c5a",
+        "topic": "contact.lead.created",
+        "delivery_attempts": 1,
+        "created_at": 1699999990,
+        "data": {
+            "type": "notification_event_data",
+            "item": {
+                "type": "contact",
+                "role": "lead",
+                "id": "6553a0e1c5b1",
+                "email": "jenny@example.com",
+            },
+        },
+    }
+).encode()
+TYPEFORM_BODY = json.dumps(
+    {
+        "event_id": "01HF6Y3Z4M8Q2W7E5R1T9Y6U3I",
+        "event_type": "form_response",
+        "form_response": {
+            "form_id": "lT4Z3j",
+            "token": "a3a12ec67a1365927098a606107fac15",
+            "submitted_at": "2023-11-14T22:13:20Z",
+            "hidden": {"visitor_id": "550e8400-e29b-41d4-a716-446655440000"},
+        },
+    }
+).encode()
+CALENDLY_BODY = json.dumps(
+    {
+        "created_at": "2023-11-14T22:13:20.000000Z",
+        "created_by": "https://api.calendly.com/users/AAAAAAAAAAAAAAAA",
+        "event": "invitee.created",
+        "payload": {
+            "email": "jenny@example.com",
+            "name": "Jenny Rosen",
+            "uri": "https://api.calendly.com/scheduled_events/GBGBDCAADAEDCRZ2/invitees/AAA",
+        },
+    }
+).encode()
+CLOSE_BODY = json.dumps(
+    {
+        "subscription_id": "whsub_2nMFkmWfGJkOH6XIFnFUQd",
+        "event": {
+            "id": "ev_4Qm2dSv1Nt3Rb0PYlUqGrt",
+            "object_type": "lead",
+            "action": "created",
+            "object_id": "lead_QyNaWw4fdSwxl5Mc5daMFf",
+            "date_created": "2023-11-14T22:13:20Z",
+            "data": {"display_name": "Rosen Analytics"},
+        },
+    }
+).encode()
 
 
 def shopify(body: bytes, secret: str, ts: int) -> dict[str, str]:
@@ -130,16 +167,46 @@ def close(body: bytes, secret: str, ts: int) -> dict[str, str]:
 Signer = Callable[[bytes, str, int], dict[str, str]]
 SENDERS: list[tuple[str, str, bytes, Signer, str, str]] = [
     # source, secret variable, body, signer, expected dedupe key, expected type
-    ("shopify", "SHOPIFY_CLIENT_SECRET", SHOPIFY_BODY, shopify,
-     "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043", "orders/create"),
-    ("intercom", "INTERCOM_CLIENT_SECRET", INTERCOM_BODY, intercom,
-     "notif_ccd8a4d2-3d2d-4c5a", "contact.lead.created"),
-    ("typeform", "TYPEFORM_WEBHOOK_SECRET", TYPEFORM_BODY, typeform,
-     "01HF6Y3Z4M8Q2W7E5R1T9Y6U3I", "form_response"),
-    ("calendly", "CALENDLY_WEBHOOK_SIGNING_KEY", CALENDLY_BODY, calendly,
-     hashlib.sha256(CALENDLY_BODY).hexdigest(), "invitee.created"),
-    ("close", "CLOSE_WEBHOOK_SIGNATURE_KEY", CLOSE_BODY, close,
-     "ev_4Qm2dSv1Nt3Rb0PYlUqGrt", "lead.created"),
+    (
+        "shopify",
+        "SHOPIFY_CLIENT_SECRET",
+        SHOPIFY_BODY,
+        shopify,
+        "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043",
+        "orders/create",
+    ),
+    (
+        "intercom",
+        "INTERCOM_CLIENT_SECRET",
+        INTERCOM_BODY,
+        intercom,
+        "notif_ccd8a4d2-3d2d-4c5a",
+        "contact.lead.created",
+    ),
+    (
+        "typeform",
+        "TYPEFORM_WEBHOOK_SECRET",
+        TYPEFORM_BODY,
+        typeform,
+        "01HF6Y3Z4M8Q2W7E5R1T9Y6U3I",
+        "form_response",
+    ),
+    (
+        "calendly",
+        "CALENDLY_WEBHOOK_SIGNING_KEY",
+        CALENDLY_BODY,
+        calendly,
+        hashlib.sha256(CALENDLY_BODY).hexdigest(),
+        "invitee.created",
+    ),
+    (
+        "close",
+        "CLOSE_WEBHOOK_SIGNATURE_KEY",
+        CLOSE_BODY,
+        close,
+        "ev_4Qm2dSv1Nt3Rb0PYlUqGrt",
+        "lead.created",
+    ),
 ]
 IDS = [s[0] for s in SENDERS]
 
@@ -198,8 +265,12 @@ def test_sample_verifies_with_the_same_config(name: str) -> None:
 
 
 def test_samples_carry_the_requested_type() -> None:
-    for name, kind in [("shopify", "customers/create"), ("intercom", "conversation.user.created"),
-                       ("close", "opportunity.updated"), ("calendly", "invitee.canceled")]:
+    for name, kind in [
+        ("shopify", "customers/create"),
+        ("intercom", "conversation.user.created"),
+        ("close", "opportunity.updated"),
+        ("calendly", "invitee.canceled"),
+    ]:
         p = provider(name)
         sample = p.sample(kind, URL, NOW)
         request = req(sample.body, sample.headers)
@@ -264,8 +335,9 @@ def test_close_malformed_timestamp_is_refused(stamp: str) -> None:
 
 
 def test_milliseconds_timestamps() -> None:
-    p = make({"timestamp_header": "X-Timestamp", "timestamp_unit": "ms",
-              "signed": "{timestamp}.{body}"})
+    p = make(
+        {"timestamp_header": "X-Timestamp", "timestamp_unit": "ms", "signed": "{timestamp}.{body}"}
+    )
     ms = str(int(NOW * 1000))
     headers = {"x-sig": mac("s3cret", f"{ms}.".encode() + b"{}").hex(), "x-timestamp": ms}
     p.verify(req(b"{}", headers))
@@ -291,8 +363,9 @@ def test_hex_signatures_compare_case_insensitively() -> None:
 def test_base64_signature_written_in_hex_is_refused() -> None:
     hexed = mac(ENV["SHOPIFY_CLIENT_SECRET"], SHOPIFY_BODY).hex()
     with pytest.raises(InvalidSignature):
-        provider("shopify").verify(req(SHOPIFY_BODY, {**shopify(SHOPIFY_BODY, "x", 0),
-                                                      "X-Shopify-Hmac-SHA256": hexed}))
+        provider("shopify").verify(
+            req(SHOPIFY_BODY, {**shopify(SHOPIFY_BODY, "x", 0), "X-Shopify-Hmac-SHA256": hexed})
+        )
 
 
 def make(extra: dict[str, Any], *, signed: bool = True) -> HmacProvider:
@@ -309,8 +382,13 @@ def test_algorithms(algorithm: str) -> None:
 
 
 def test_template_with_method_url_and_id() -> None:
-    p = make({"signed": "{method} {url}\n{id}\n{body}", "id_header": "X-Request-Id",
-              "public_url": "https://hooks.example.com/in"})
+    p = make(
+        {
+            "signed": "{method} {url}\n{id}\n{body}",
+            "id_header": "X-Request-Id",
+            "public_url": "https://hooks.example.com/in",
+        }
+    )
     received = "http://127.0.0.1:8000/webhooks/x?tenant=7"
     message = b"POST https://hooks.example.com/in?tenant=7\nreq_42\n{}"
     headers = {"x-sig": mac("s3cret", message).hex(), "x-request-id": "req_42"}
@@ -412,8 +490,15 @@ def test_bad_bodies(
         ({"signed": "{id}.{body}"}, "signed"),
         ({"timestamp_key": "t"}, "timestamp_key"),
         ({"prefix": "v1=", "signature_key": "v1"}, "prefix"),
-        ({"signature_key": "v1", "timestamp_key": "t", "timestamp_header": "X-Ts",
-          "signed": "{timestamp}{body}"}, "timestamp_header"),
+        (
+            {
+                "signature_key": "v1",
+                "timestamp_key": "t",
+                "timestamp_header": "X-Ts",
+                "signed": "{timestamp}{body}",
+            },
+            "timestamp_header",
+        ),
         ({"timestamp_unit": "us"}, "timestamp_unit"),
         ({"tolerance": "soon"}, "tolerance"),
         ({"id_header": "X-Id", "id_field": "id"}, "id_field"),
@@ -450,14 +535,27 @@ def test_signing_keys_required_only_when_signing() -> None:
 
 # -- senders that sign nothing -------------------------------------------------------------
 
-PIPEDRIVE_BODY = json.dumps({
-    "data": {"id": 17, "title": "Rosen Analytics deal", "value": 12000, "currency": "USD",
-             "status": "open"},
-    "previous": None,
-    "meta": {"action": "create", "entity": "deal", "entity_id": "17",
-             "id": "8e3f0c1a-4b5d-4e6f-9a7b-2c1d0e9f8a7b", "version": "2.0", "attempt": 1,
-             "timestamp": "2023-11-14T22:13:20.000Z"},
-}).encode()
+PIPEDRIVE_BODY = json.dumps(
+    {
+        "data": {
+            "id": 17,
+            "title": "Rosen Analytics deal",
+            "value": 12000,
+            "currency": "USD",
+            "status": "open",
+        },
+        "previous": None,
+        "meta": {
+            "action": "create",
+            "entity": "deal",
+            "entity_id": "17",
+            "id": "8e3f0c1a-4b5d-4e6f-9a7b-2c1d0e9f8a7b",
+            "version": "2.0",
+            "attempt": 1,
+            "timestamp": "2023-11-14T22:13:20.000Z",
+        },
+    }
+).encode()
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -526,5 +624,8 @@ def test_docs_mapping_example_maps_a_shopify_order(tmp_path: Path) -> None:
     [event] = p.parse(request)
     [out] = mapping.apply(event, "shopify", request.headers).outputs
     assert out.event.name == "purchase"
-    assert out.event.payload == {"order_id": "820982911946154508", "amount": "199.00",
-                                 "currency": "USD"}
+    assert out.event.payload == {
+        "order_id": "820982911946154508",
+        "amount": "199.00",
+        "currency": "USD",
+    }

@@ -41,8 +41,14 @@ def make(**keys: Any) -> HubSpotProvider:
     return HubSpotProvider.from_config(ConfigTable(table, Path("relay.toml"), "sources.hubspot"))
 
 
-def req(body: bytes, headers: dict[str, str], *, url: str = RELAY_URL, at: float = NOW,
-        method: str = "POST") -> WebhookRequest:
+def req(
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    url: str = RELAY_URL,
+    at: float = NOW,
+    method: str = "POST",
+) -> WebhookRequest:
     return WebhookRequest(method, url, {k.lower(): v for k, v in headers.items()}, body, at)
 
 
@@ -53,14 +59,25 @@ def v3(body: bytes, uri: str, ts: str, secret: str = SECRET, method: str = "POST
 
 
 def v3_headers(body: bytes, uri: str, ts: int, secret: str = SECRET) -> dict[str, str]:
-    return {"X-HubSpot-Signature-v3": v3(body, uri, str(ts), secret),
-            "X-HubSpot-Request-Timestamp": str(ts)}
+    return {
+        "X-HubSpot-Signature-v3": v3(body, uri, str(ts), secret),
+        "X-HubSpot-Request-Timestamp": str(ts),
+    }
 
 
 def event(**fields: Any) -> dict[str, Any]:
-    return {"eventId": 100, "subscriptionId": 7, "portalId": 62515, "appId": 54321,
-            "occurredAt": 1_699_999_999_000, "subscriptionType": "contact.creation",
-            "attemptNumber": 0, "objectId": 123, "changeSource": "CRM", **fields}
+    return {
+        "eventId": 100,
+        "subscriptionId": 7,
+        "portalId": 62515,
+        "appId": 54321,
+        "occurredAt": 1_699_999_999_000,
+        "subscriptionType": "contact.creation",
+        "attemptNumber": 0,
+        "objectId": 123,
+        "changeSource": "CRM",
+        **fields,
+    }
 
 
 # -- public vectors ------------------------------------------------------------------------
@@ -163,8 +180,11 @@ def test_rotation() -> None:
     [
         (BODY, v3_headers(BODY, RELAY_URL, int(NOW * 1000), "other-secret"), "no signature"),
         (BODY.replace(b"100", b"101"), GOOD, "no signature"),
-        (BODY, {**GOOD, "X-HubSpot-Signature-v3": "A" + GOOD["X-HubSpot-Signature-v3"][1:]},
-         "no signature"),
+        (
+            BODY,
+            {**GOOD, "X-HubSpot-Signature-v3": "A" + GOOD["X-HubSpot-Signature-v3"][1:]},
+            "no signature",
+        ),
         (BODY, {**GOOD, "X-HubSpot-Signature-v3": "not base64 é"}, "no signature"),
         (BODY, {"X-HubSpot-Request-Timestamp": GOOD["X-HubSpot-Request-Timestamp"]}, "missing X"),
         (BODY, {"X-HubSpot-Signature-v3": GOOD["X-HubSpot-Signature-v3"]}, "missing timestamp"),
@@ -174,8 +194,18 @@ def test_rotation() -> None:
         # seconds where milliseconds are due: 1970, refused as stale
         (BODY, v3_headers(BODY, RELAY_URL, int(NOW)), "tolerance"),
     ],
-    ids=["wrong-secret", "flipped-body", "flipped-signature", "junk-signature", "no-signature",
-         "no-timestamp", "bad-timestamp", "stale", "future", "seconds"],
+    ids=[
+        "wrong-secret",
+        "flipped-body",
+        "flipped-signature",
+        "junk-signature",
+        "no-signature",
+        "no-timestamp",
+        "bad-timestamp",
+        "stale",
+        "future",
+        "seconds",
+    ],
 )
 def test_rejections(body: bytes, headers: dict[str, str], reason: str) -> None:
     with pytest.raises(InvalidSignature, match=reason):
@@ -201,8 +231,13 @@ def test_timestamp_is_signed() -> None:
 def test_parse_splits_the_array() -> None:
     items = [
         event(),
-        event(eventId=101, subscriptionType="deal.propertyChange", objectId=9,
-              propertyName="dealstage", propertyValue="closedwon"),
+        event(
+            eventId=101,
+            subscriptionType="deal.propertyChange",
+            objectId=9,
+            propertyName="dealstage",
+            propertyValue="closedwon",
+        ),
         event(eventId=100, occurredAt=1_699_999_999_500),  # same eventId, another moment
     ]
     events = make().parse(req(json.dumps(items).encode(), {}))
@@ -257,8 +292,11 @@ def test_sample_signs_what_the_relay_will_check() -> None:
     p = make(public_url="https://hooks.example.com/webhooks/hubspot")
     sample = p.sample(None, RELAY_URL + "?t=1", NOW)
     p.verify(req(sample.body, sample.headers, url=RELAY_URL + "?t=1"))
-    expected = v3(sample.body, "https://hooks.example.com/webhooks/hubspot?t=1",
-                  sample.headers["x-hubspot-request-timestamp"])
+    expected = v3(
+        sample.body,
+        "https://hooks.example.com/webhooks/hubspot?t=1",
+        sample.headers["x-hubspot-request-timestamp"],
+    )
     assert sample.headers["x-hubspot-signature-v3"] == expected
 
 
@@ -301,9 +339,13 @@ def test_secret_is_required_only_when_signing() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "names"),
-    [("contact.creation", ["lead_created"]), ("contact.propertyChange", []),
-     ("contact.deletion", ["contact_deleted"]), ("deal.creation", ["deal_created"]),
-     ("deal.propertyChange", ["deal_won"])],
+    [
+        ("contact.creation", ["lead_created"]),
+        ("contact.propertyChange", []),
+        ("contact.deletion", ["contact_deleted"]),
+        ("deal.creation", ["deal_created"]),
+        ("deal.propertyChange", ["deal_won"]),
+    ],
 )
 def test_samples_map_with_the_shipped_mapping(kind: str, names: list[str]) -> None:
     """What `relay send-test` posts makes events with mappings/hubspot.toml."""

@@ -40,8 +40,9 @@ BASIC = BasicAuth.from_config(table({"username": USER, "password": PASSWORD}))
 
 def test_basic_accepts_the_configured_credentials() -> None:
     BASIC.verify(req(basic_header(f"{USER}:{PASSWORD}".encode())))
-    BASIC.verify(req({"Authorization": "basic " + base64.b64encode(b"relay:" + PASSWORD.encode())
-                      .decode()}))
+    BASIC.verify(
+        req({"Authorization": "basic " + base64.b64encode(b"relay:" + PASSWORD.encode()).decode()})
+    )
 
 
 @pytest.mark.parametrize(
@@ -95,8 +96,12 @@ def token(**keys: str) -> SharedToken:
 
 
 @pytest.mark.parametrize(
-    "headers", [{"X-Relay-Token": TOKEN}, {"x-relay-token": f"Bearer {TOKEN}"},
-                {"X-Relay-Token": f"bearer   {TOKEN}"}],
+    "headers",
+    [
+        {"X-Relay-Token": TOKEN},
+        {"x-relay-token": f"Bearer {TOKEN}"},
+        {"X-Relay-Token": f"bearer   {TOKEN}"},
+    ],
 )
 def test_token_in_a_header(headers: dict[str, str]) -> None:
     token(token_header="X-Relay-Token").verify(req(headers))

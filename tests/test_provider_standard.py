@@ -37,8 +37,13 @@ def req(body: bytes, headers: dict[str, str], at: float = NOW) -> WebhookRequest
     return WebhookRequest("POST", URL, {k.lower(): v for k, v in headers.items()}, body, at)
 
 
-def signed(body: bytes, ts: float = NOW, secret: str = SECRET, msg_id: str = "msg_1",
-           prefix: str = "webhook") -> dict[str, str]:
+def signed(
+    body: bytes,
+    ts: float = NOW,
+    secret: str = SECRET,
+    msg_id: str = "msg_1",
+    prefix: str = "webhook",
+) -> dict[str, str]:
     """Headers as a sender makes them, with the package's own `sign`."""
     when = datetime.fromtimestamp(ts, tz=UTC)
     return {
@@ -48,13 +53,21 @@ def signed(body: bytes, ts: float = NOW, secret: str = SECRET, msg_id: str = "ms
     }
 
 
-BODY = json.dumps({"type": "contact.created", "timestamp": "2023-11-14T22:13:20.000Z",
-                   "data": {"id": "con_1", "email": "jenny@example.com"}}).encode()
+BODY = json.dumps(
+    {
+        "type": "contact.created",
+        "timestamp": "2023-11-14T22:13:20.000Z",
+        "data": {"id": "con_1", "email": "jenny@example.com"},
+    }
+).encode()
 
 
 def test_vector() -> None:
-    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(VECTOR_TS),
-               "webhook-signature": VECTOR_SIG}
+    headers = {
+        "webhook-id": MSG_ID,
+        "webhook-timestamp": str(VECTOR_TS),
+        "webhook-signature": VECTOR_SIG,
+    }
     make().verify(req(VECTOR_BODY, headers, at=VECTOR_TS + 10))
 
 
@@ -130,10 +143,30 @@ GOOD_SIG = signed(BODY)["webhook-signature"]
         (BODY, broken(**{"webhook-signature": "v1 " + GOOD_SIG}), "malformed"),  # junk entry first
         (b"\xff\xfe" + BODY, signed(BODY), "not UTF-8"),
     ],
-    ids=["wrong-secret", "flipped-body", "flipped-signature", "other-id", "other-timestamp",
-         "v1a-scheme", "no-signature", "no-id", "no-timestamp", "empty-signature", "stale",
-         "future", "bad-timestamp", "nan-timestamp", "huge-timestamp", "no-comma", "garbage",
-         "two-commas", "bad-padding", "junk-base64", "junk-entry", "not-utf8"],
+    ids=[
+        "wrong-secret",
+        "flipped-body",
+        "flipped-signature",
+        "other-id",
+        "other-timestamp",
+        "v1a-scheme",
+        "no-signature",
+        "no-id",
+        "no-timestamp",
+        "empty-signature",
+        "stale",
+        "future",
+        "bad-timestamp",
+        "nan-timestamp",
+        "huge-timestamp",
+        "no-comma",
+        "garbage",
+        "two-commas",
+        "bad-padding",
+        "junk-base64",
+        "junk-entry",
+        "not-utf8",
+    ],
 )
 def test_rejections(body: bytes, headers: dict[str, str], reason: str) -> None:
     with pytest.raises(InvalidSignature, match=reason):
@@ -212,9 +245,14 @@ def test_bad_tolerance_and_missing_secret() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "names"),
-    [("contact.created", ["lead_created"]), ("contact.updated", []),
-     ("deal.created", ["deal_created"]), ("deal.won", ["deal_won"]),
-     ("deal.lost", ["deal_lost"]), ("invoice.paid", ["invoice_paid"])],
+    [
+        ("contact.created", ["lead_created"]),
+        ("contact.updated", []),
+        ("deal.created", ["deal_created"]),
+        ("deal.won", ["deal_won"]),
+        ("deal.lost", ["deal_lost"]),
+        ("invoice.paid", ["invoice_paid"]),
+    ],
 )
 def test_samples_map_with_the_shipped_mapping(kind: str, names: list[str]) -> None:
     """What `relay send-test` posts makes events with mappings/standard.toml."""

@@ -243,7 +243,7 @@ def test_reload_refuses_a_mapping_whose_examples_fail(
 [sources.stripe]
 provider = "stripe"
 secret = "{STRIPE_SECRET}"
-mapping = "{mappings / 'stripe.toml'}"
+mapping = "{mappings / "stripe.toml"}"
 """
     relay = relay_factory(sandbox, sources=sources)
     pipeline = relay.runtime.pipeline

@@ -106,9 +106,13 @@ def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 def test_single_event_is_stored_and_listed(make: Make) -> None:
     client = make()
-    event = {"name": "purchase", "payload": {"order_id": "ORD-1234", "amount": "49.99"},
-             "visitor_id": UUID, "url": "https://example.com/checkout",
-             "referrer": "https://ref.example/"}
+    event = {
+        "name": "purchase",
+        "payload": {"order_id": "ORD-1234", "amount": "49.99"},
+        "visitor_id": UUID,
+        "url": "https://example.com/checkout",
+        "referrer": "https://ref.example/",
+    }
     r = client.post(TRACK, json=event)
     assert r.status_code == 200
     assert r.json() == {"ok": True, "event_id": 1}
@@ -116,7 +120,9 @@ def test_single_event_is_stored_and_listed(make: Make) -> None:
     assert listed["ok"] is True and listed["total"] == 1
     (got,) = listed["events"]
     assert {k: got[k] for k in ("id", "name", "payload", "visitor_id", "url", "referrer")} == {
-        "id": 1, **event}
+        "id": 1,
+        **event,
+    }
     assert abs(got["received_at"] - time.time()) < 5
 
 
@@ -134,25 +140,52 @@ def test_batch_answers_ids_in_input_order(make: Make) -> None:
 
 def test_numbers_and_booleans_are_stored_as_strings(make: Make) -> None:
     client = make()
-    payload = {"price": 49.99, "yes": True, "no": False, "n": 3, "zero": 0, "neg": -1.5,
-               "whole": 3.0, "text": "x"}
+    payload = {
+        "price": 49.99,
+        "yes": True,
+        "no": False,
+        "n": 3,
+        "zero": 0,
+        "neg": -1.5,
+        "whole": 3.0,
+        "text": "x",
+    }
     assert client.post(TRACK, json={"name": "cast", "payload": payload}).status_code == 200
     assert client.get(EVENTS).json()["events"][0]["payload"] == {
-        "price": "49.99", "yes": "true", "no": "false", "n": "3", "zero": "0", "neg": "-1.5",
-        "whole": "3", "text": "x"}
+        "price": "49.99",
+        "yes": "true",
+        "no": "false",
+        "n": "3",
+        "zero": "0",
+        "neg": "-1.5",
+        "whole": "3",
+        "text": "x",
+    }
 
 
-@pytest.mark.parametrize("event", [
-    {"name": "n" * 128},
-    {"name": "a", "payload": {f"k{i}": "v" for i in range(10)}},
-    {"name": "a", "payload": {"v": "x" * 255}},
-    {"name": "a", "payload": {}},
-    {"name": "a", "payload": None, "visitor_id": None, "url": None, "referrer": None},
-    {"name": "a", "visitor_id": UUID.upper()},
-    {"name": "a", "url": "u" * 2048, "referrer": "r" * 2048},
-    {"name": "a", "unknown": {"nested": [1]}, "id": 5},
-], ids=["name128", "10keys", "value255", "empty-payload", "nulls", "upper-uuid", "url2048",
-        "unknown-fields"])
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"name": "n" * 128},
+        {"name": "a", "payload": {f"k{i}": "v" for i in range(10)}},
+        {"name": "a", "payload": {"v": "x" * 255}},
+        {"name": "a", "payload": {}},
+        {"name": "a", "payload": None, "visitor_id": None, "url": None, "referrer": None},
+        {"name": "a", "visitor_id": UUID.upper()},
+        {"name": "a", "url": "u" * 2048, "referrer": "r" * 2048},
+        {"name": "a", "unknown": {"nested": [1]}, "id": 5},
+    ],
+    ids=[
+        "name128",
+        "10keys",
+        "value255",
+        "empty-payload",
+        "nulls",
+        "upper-uuid",
+        "url2048",
+        "unknown-fields",
+    ],
+)
 def test_boundary_events_are_accepted(api: httpx.Client, event: dict[str, Any]) -> None:
     r = api.post(TRACK, json=event)
     assert r.status_code == 200, r.text
@@ -170,55 +203,87 @@ INVALID_EVENTS: list[tuple[str, dict[str, Any], str, str]] = [
     ("name-129", {"name": "n" * 129}, "name", "must be at most 128 characters"),
     ("payload-array", {"name": "a", "payload": [1]}, "payload", "must be an object"),
     ("payload-string", {"name": "a", "payload": "x"}, "payload", "must be an object"),
-    ("payload-11-keys", {"name": "a", "payload": {f"k{i}": "v" for i in range(11)}},
-     "payload", "must have at most 10 keys"),
+    (
+        "payload-11-keys",
+        {"name": "a", "payload": {f"k{i}": "v" for i in range(11)}},
+        "payload",
+        "must have at most 10 keys",
+    ),
     ("value-object", {"name": "a", "payload": {"n": {"x": 1}}}, "payload.n", NOT_SCALAR),
     ("value-array", {"name": "a", "payload": {"n": [1]}}, "payload.n", NOT_SCALAR),
     ("value-null", {"name": "a", "payload": {"n": None}}, "payload.n", NOT_SCALAR),
-    ("value-256", {"name": "a", "payload": {"note": "x" * 256}}, "payload.note",
-     "must be at most 255 characters"),
-    ("number-256-digits", {"name": "a", "payload": {"big": 10**255}}, "payload.big",
-     "must be at most 255 characters"),
-    ("visitor-not-uuid", {"name": "a", "visitor_id": "visitor-1"}, "visitor_id",
-     "must be a valid UUID"),
+    (
+        "value-256",
+        {"name": "a", "payload": {"note": "x" * 256}},
+        "payload.note",
+        "must be at most 255 characters",
+    ),
+    (
+        "number-256-digits",
+        {"name": "a", "payload": {"big": 10**255}},
+        "payload.big",
+        "must be at most 255 characters",
+    ),
+    (
+        "visitor-not-uuid",
+        {"name": "a", "visitor_id": "visitor-1"},
+        "visitor_id",
+        "must be a valid UUID",
+    ),
     ("visitor-number", {"name": "a", "visitor_id": 12}, "visitor_id", "must be a valid UUID"),
-    ("visitor-trailing", {"name": "a", "visitor_id": UUID + "\n"}, "visitor_id",
-     "must be a valid UUID"),
+    (
+        "visitor-trailing",
+        {"name": "a", "visitor_id": UUID + "\n"},
+        "visitor_id",
+        "must be a valid UUID",
+    ),
     ("url-number", {"name": "a", "url": 5}, "url", "must be a string"),
     ("url-2049", {"name": "a", "url": "u" * 2049}, "url", "must be at most 2048 characters"),
     ("referrer-array", {"name": "a", "referrer": ["x"]}, "referrer", "must be a string"),
-    ("referrer-2049", {"name": "a", "referrer": "r" * 2049}, "referrer",
-     "must be at most 2048 characters"),
+    (
+        "referrer-2049",
+        {"name": "a", "referrer": "r" * 2049},
+        "referrer",
+        "must be at most 2048 characters",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("event", "path", "message"), [c[1:] for c in INVALID_EVENTS],
-                         ids=[c[0] for c in INVALID_EVENTS])
+@pytest.mark.parametrize(
+    ("event", "path", "message"),
+    [c[1:] for c in INVALID_EVENTS],
+    ids=[c[0] for c in INVALID_EVENTS],
+)
 def test_invalid_event_is_refused_with_its_field(
     api: httpx.Client, event: dict[str, Any], path: str, message: str
 ) -> None:
     body = assert_error(api.post(TRACK, json=event), 400, "validation_error")
     assert body["errors"] == {path: [message]}
-    body = assert_error(api.post(BATCH, json={"events": [{"name": "ok"}, event]}), 400,
-                        "validation_error")
+    body = assert_error(
+        api.post(BATCH, json={"events": [{"name": "ok"}, event]}), 400, "validation_error"
+    )
     assert body["errors"] == {f"events.1.{path}": [message]}
 
 
-@pytest.mark.parametrize("raw", [b"not json", b"", b"[1, 2]", b'"text"', b"null",
-                                 b'{"name": NaN}', b"[" * 100_000])
+@pytest.mark.parametrize(
+    "raw", [b"not json", b"", b"[1, 2]", b'"text"', b"null", b'{"name": NaN}', b"[" * 100_000]
+)
 @pytest.mark.parametrize("url", [TRACK, BATCH])
 def test_body_must_be_a_json_object(api: httpx.Client, url: str, raw: bytes) -> None:
     body = assert_error(api.post(url, content=raw), 400, "validation_error")
     assert list(body["errors"]) == ["body"]
 
 
-@pytest.mark.parametrize(("batch", "message"), [
-    ({}, "is required"),
-    ({"events": None}, "is required"),
-    ({"events": {"name": "a"}}, "must be an array"),
-    ({"events": []}, "must contain at least 1 event"),
-    ({"events": [{"name": "a"}] * 26}, "must contain at most 25 events"),
-])
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        ({}, "is required"),
+        ({"events": None}, "is required"),
+        ({"events": {"name": "a"}}, "must be an array"),
+        ({"events": []}, "must contain at least 1 event"),
+        ({"events": [{"name": "a"}] * 26}, "must contain at most 25 events"),
+    ],
+)
 def test_batch_needs_1_to_25_events(api: httpx.Client, batch: dict[str, Any], message: str) -> None:
     body = assert_error(api.post(BATCH, json=batch), 400, "validation_error")
     assert body["errors"] == {"events": [message]}
@@ -245,15 +310,28 @@ def test_one_invalid_event_refuses_the_whole_batch_listing_every_error(make: Mak
 # --- 401, 402, 403, 404, 500 ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [
-    {}, bearer("sk_wrong"), bearer(KEY + "x"), {"Authorization": f"Basic {KEY}"},
-    {"Authorization": "Bearer"}, {"Authorization": KEY},
-], ids=["missing", "wrong", "longer", "basic", "empty", "no-scheme"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("sk_wrong"),
+        bearer(KEY + "x"),
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": KEY},
+    ],
+    ids=["missing", "wrong", "longer", "basic", "empty", "no-scheme"],
+)
 @pytest.mark.parametrize("method,url", [("POST", TRACK), ("POST", BATCH), ("GET", EVENTS)])
-def test_unauthorized(shared: ThreadedServer, headers: dict[str, str], method: str,
-                      url: str) -> None:
-    r = httpx.request(method, shared.url + url, headers=headers,
-                      json={"events": [{"name": "a"}]} if url == BATCH else {"name": "a"})
+def test_unauthorized(
+    shared: ThreadedServer, headers: dict[str, str], method: str, url: str
+) -> None:
+    r = httpx.request(
+        method,
+        shared.url + url,
+        headers=headers,
+        json={"events": [{"name": "a"}]} if url == BATCH else {"name": "a"},
+    )
     body = assert_error(r, 401, "unauthorized")
     assert KEY not in r.text and "sk_wrong" not in body["message"]
 
@@ -299,8 +377,11 @@ def test_internal_error_is_a_json_500_without_traceback(make: Make, tmp_path: Pa
 
 def test_check_order(make: Make) -> None:
     free = make(plan="free", monthly_quota=0)
-    assert_error(free.post("/api/v1/websites/9/track", content=b"x", headers=bearer("bad")),
-                 401, "unauthorized")
+    assert_error(
+        free.post("/api/v1/websites/9/track", content=b"x", headers=bearer("bad")),
+        401,
+        "unauthorized",
+    )
     assert_error(free.post("/api/v1/websites/9/track", content=b"x"), 404, "website_not_found")
     assert_error(free.post(TRACK, content=b"x"), 403, "plan_required")
     empty = make(monthly_quota=0)
@@ -310,8 +391,9 @@ def test_check_order(make: Make) -> None:
 
 def test_refused_404_and_400_requests_count_toward_the_rate_limit(make: Make) -> None:
     client = make(requests_per_minute=2, clock=FakeClock())
-    assert_error(client.post("/api/v1/websites/9/track", json={"name": "a"}), 404,
-                 "website_not_found")
+    assert_error(
+        client.post("/api/v1/websites/9/track", json={"name": "a"}), 404, "website_not_found"
+    )
     assert_error(client.post(TRACK, json={}), 400, "validation_error")
     assert_error(client.post(TRACK, json={"name": "a"}), 429, "rate_limit_exceeded")
     assert_error(client.post("/api/v1/websites/9/track", json={}), 429, "rate_limit_exceeded")
@@ -434,13 +516,20 @@ def add_fault(client: httpx.Client, **rule: Any) -> list[dict[str, Any]]:
     return faults
 
 
-@pytest.mark.parametrize("status,code", [
-    (400, "validation_error"), (401, "unauthorized"), (402, "monthly_limit_reached"),
-    (403, "plan_required"), (404, "website_not_found"), (500, "server_error"),
-    (502, "server_error"), (503, "server_error"),
-])
-def test_fault_status_answers_the_apis_own_error(api: httpx.Client, status: int,
-                                                 code: str) -> None:
+@pytest.mark.parametrize(
+    "status,code",
+    [
+        (400, "validation_error"),
+        (401, "unauthorized"),
+        (402, "monthly_limit_reached"),
+        (403, "plan_required"),
+        (404, "website_not_found"),
+        (500, "server_error"),
+        (502, "server_error"),
+        (503, "server_error"),
+    ],
+)
+def test_fault_status_answers_the_apis_own_error(api: httpx.Client, status: int, code: str) -> None:
     add_fault(api, status=status)
     assert_error(api.post(TRACK, json={"name": "a"}), status, code)
     assert_error(api.post(BATCH, json={"events": [{"name": "a"}]}), status, code)
@@ -536,11 +625,19 @@ def test_faults_apply_after_auth_and_only_to_track(api: httpx.Client) -> None:
     assert api.get(EVENTS).status_code == 200
 
 
-@pytest.mark.parametrize("rule,field", [
-    ({"status": 200}, "status"), ({"status": "500"}, "status"), ({"rate": 1.5}, "rate"),
-    ({"count": 0}, "count"), ({"drop": "yes"}, "drop"), ({"latency_ms": -1}, "latency_ms"),
-    ({"for_website": "2"}, "for_website"), ([], "body"),
-])
+@pytest.mark.parametrize(
+    "rule,field",
+    [
+        ({"status": 200}, "status"),
+        ({"status": "500"}, "status"),
+        ({"rate": 1.5}, "rate"),
+        ({"count": 0}, "count"),
+        ({"drop": "yes"}, "drop"),
+        ({"latency_ms": -1}, "latency_ms"),
+        ({"for_website": "2"}, "for_website"),
+        ([], "body"),
+    ],
+)
 def test_invalid_fault_rule_is_refused(api: httpx.Client, rule: Any, field: str) -> None:
     body = assert_error(api.post("/_sandbox/faults", json=rule), 400, "validation_error")
     assert list(body["errors"]) == [field]
@@ -565,8 +662,13 @@ def test_request_record_counts_statuses_and_batch_sizes(make: Make) -> None:
     assert record["total"] == 5
     assert record["by_status"] == {"200": 2, "400": 1, "401": 1, "404": 1}
     got = [(q["key"], q["website_id"], q["status"], q["events"]) for q in record["requests"]]
-    assert got == [(FP, 1, 200, 1), (FP, 1, 200, 3), (None, 1, 401, 1), (FP, 9, 404, 2),
-                   (FP, 1, 400, 1)]
+    assert got == [
+        (FP, 1, 200, 1),
+        (FP, 1, 200, 3),
+        (None, 1, 401, 1),
+        (FP, 9, 404, 2),
+        (FP, 1, 400, 1),
+    ]
     assert all(before - 1 <= q["at"] <= time.time() + 1 for q in record["requests"])
     client.delete("/_sandbox/requests")
     assert client.get("/_sandbox/requests").json()["total"] == 0
@@ -575,8 +677,16 @@ def test_request_record_counts_statuses_and_batch_sizes(make: Make) -> None:
 
 def test_batch_of_25_is_fast(make: Make) -> None:
     client = make(requests_per_minute=1000)
-    batch = {"events": [{"name": "purchase", "payload": {f"k{j}": "v" * 20 for j in range(10)},
-                         "visitor_id": UUID} for _ in range(25)]}
+    batch = {
+        "events": [
+            {
+                "name": "purchase",
+                "payload": {f"k{j}": "v" * 20 for j in range(10)},
+                "visitor_id": UUID,
+            }
+            for _ in range(25)
+        ]
+    }
     timings = []
     for _ in range(20):
         started = time.perf_counter()
@@ -599,8 +709,10 @@ def test_lifespan_closes_the_database(tmp_path: Path) -> None:
 def test_works_mounted_under_a_prefix(tmp_path: Path) -> None:
     sandbox = create_app([KEY], [4], database=tmp_path / "s.db")
     parent = Starlette(routes=[Mount("/track-api", app=sandbox)])
-    with serve(parent) as server, httpx.Client(base_url=server.url + "/track-api",
-                                               headers=bearer(KEY)) as client:
+    with (
+        serve(parent) as server,
+        httpx.Client(base_url=server.url + "/track-api", headers=bearer(KEY)) as client,
+    ):
         r = client.post("/api/v1/websites/4/track/batch", json={"events": [{"name": "a"}]})
         assert r.json() == {"ok": True, "processed": 1, "event_ids": [1]}
         assert client.get("/api/v1/websites/4/events").json()["total"] == 1
@@ -616,13 +728,26 @@ def test_cli_help() -> None:
     assert "--requests-per-minute" in result.output and "--api-key" in result.output
 
 
-def test_cli_prints_a_generated_key_that_works(monkeypatch: pytest.MonkeyPatch,
-                                               tmp_path: Path) -> None:
+def test_cli_prints_a_generated_key_that_works(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     served: dict[str, Any] = {}
-    monkeypatch.setattr(relay.sandbox.uvicorn, "run",
-                        lambda app, **options: served.update(app=app, **options))
-    args = ["sandbox", "--port", "8123", "--website-id", "1", "--website-id", "7",
-            "--requests-per-minute", "30", "--database", str(tmp_path / "s.db")]
+    monkeypatch.setattr(
+        relay.sandbox.uvicorn, "run", lambda app, **options: served.update(app=app, **options)
+    )
+    args = [
+        "sandbox",
+        "--port",
+        "8123",
+        "--website-id",
+        "1",
+        "--website-id",
+        "7",
+        "--requests-per-minute",
+        "30",
+        "--database",
+        str(tmp_path / "s.db"),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     match = re.search(r"sk_sandbox_[0-9a-f]{32}", result.output)
@@ -631,14 +756,18 @@ def test_cli_prints_a_generated_key_that_works(monkeypatch: pytest.MonkeyPatch,
     assert "1, 7" in result.output and "30 requests/minute" in result.output
     assert served["port"] == 8123
     with serve(served["app"]) as server:
-        r = httpx.post(server.url + "/api/v1/websites/7/track", json={"name": "a"},
-                       headers=bearer(match.group()))
+        r = httpx.post(
+            server.url + "/api/v1/websites/7/track",
+            json={"name": "a"},
+            headers=bearer(match.group()),
+        )
         assert r.status_code == 200
 
 
 def test_cli_does_not_print_given_keys(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(relay.sandbox.uvicorn, "run", lambda app, **options: None)
-    result = CliRunner().invoke(main, ["sandbox", "--api-key", KEY, "--database",
-                                       str(tmp_path / "s.db")])
+    result = CliRunner().invoke(
+        main, ["sandbox", "--api-key", KEY, "--database", str(tmp_path / "s.db")]
+    )
     assert result.exit_code == 0, result.output
     assert KEY not in result.output and "sk_sandbox_" not in result.output

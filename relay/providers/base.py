@@ -17,6 +17,9 @@ from typing import Any, ClassVar, Protocol
 from relay.config import ConfigTable
 from relay.errors import InvalidBody
 
+# Headers that carry credentials: never stored, never shown to mapping templates.
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
 
 @dataclass(frozen=True)
 class WebhookRequest:

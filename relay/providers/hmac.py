@@ -243,7 +243,7 @@ class HmacProvider(Provider):
         if not self.signature_key:
             if not raw.startswith(self.prefix):
                 raise InvalidSignature(f"malformed signature header (expected {self.prefix!r})")
-            return [raw[len(self.prefix):].strip()], None
+            return [raw[len(self.prefix) :].strip()], None
         pairs = [part.strip().partition("=") for part in raw.split(",")]
         signatures = [v.strip() for k, sep, v in pairs if sep and k.strip() == self.signature_key]
         timestamps = [v.strip() for k, sep, v in pairs if sep and k.strip() == self.timestamp_key]

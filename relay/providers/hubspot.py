@@ -30,8 +30,18 @@ from relay.providers.hmac import called_url, config_url
 
 # HubSpot decodes these escapes in the URI before it signs (its "validating requests" page).
 _DECODED = {
-    "%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$",
-    "%27": "'", "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";",
+    "%3A": ":",
+    "%2F": "/",
+    "%3F": "?",
+    "%40": "@",
+    "%21": "!",
+    "%24": "$",
+    "%27": "'",
+    "%28": "(",
+    "%29": ")",
+    "%2A": "*",
+    "%2C": ",",
+    "%3B": ";",
 }
 _ESCAPE_RE = re.compile("|".join(_DECODED), re.IGNORECASE)
 

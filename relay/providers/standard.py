@@ -39,7 +39,7 @@ class _Webhook(Webhook):
 
 
 def _key_text(secret: str) -> str:
-    return secret[len(PREFIX):] if secret.startswith(PREFIX) else secret
+    return secret[len(PREFIX) :] if secret.startswith(PREFIX) else secret
 
 
 def valid_secret(secret: str) -> bool:
