@@ -59,6 +59,14 @@ class Runtime:
             housekeeping_interval=self.housekeeping_interval,
         )
         await self.forwarder.start()
+        for name, source in cfg.sources.items():
+            if source.verifier is None:
+                applog.warning(
+                    "source %s accepts webhooks WITHOUT verification (verify = false): anyone "
+                    "who can reach /webhooks/%s can send events",
+                    name,
+                    name,
+                )
         applog.info(
             "relay ready: %d source(s), %d destination(s), database %s",
             len(cfg.sources),

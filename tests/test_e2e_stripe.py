@@ -218,3 +218,23 @@ def test_backlog_is_sent_within_the_rate_limit_without_a_429(
     assert times[9] - times[0] < 10  # the first ten at once
     assert times[10] - times[0] >= 60  # then the window
     assert len(sandbox.events()) == 300
+
+
+def test_a_source_without_verification_is_announced_loudly(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay], caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.conftest import MAPPINGS
+
+    sources = f"""
+[sources.open]
+provider = "stripe"
+verify = false
+mapping = "{MAPPINGS / "stripe.toml"}"
+"""
+    with caplog.at_level("WARNING", logger="relay"):
+        relay = relay_factory(sandbox, sources=sources)
+    assert any("WITHOUT verification" in r.getMessage() for r in caplog.records)
+    event, _ = checkout()
+    body, headers = stripe_post(event)
+    del headers["stripe-signature"]
+    assert relay.post("open", body, headers).json()["accepted"] == 1
