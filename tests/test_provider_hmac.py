@@ -629,3 +629,16 @@ def test_docs_mapping_example_maps_a_shopify_order(tmp_path: Path) -> None:
         "amount": "199.00",
         "currency": "USD",
     }
+
+
+def test_the_readme_shows_the_same_configs_as_the_docs() -> None:
+    """The README's sender configs are copies of the tested ones: they must not drift."""
+    readme = DOCS.parent.parent / "README.md"
+    shown: dict[str, Any] = {}
+    for block in re.findall(r"```toml\n(.*?)```", readme.read_text(encoding="utf-8"), re.S):
+        sources = tomllib.loads(block).get("sources", {})
+        shown.update({k: v for k, v in sources.items() if v.get("provider") == "hmac"})
+    assert {"shopify", "intercom", "typeform", "calendly"} <= set(shown)
+    documented = doc_sources()
+    for name, table in shown.items():
+        assert table == documented[name], name
