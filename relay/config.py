@@ -164,7 +164,7 @@ class ConfigTable:
         if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
             self.fail(name, f"must be {what}, not a boolean")
         if not isinstance(value, kind):
-            self.fail(name, f"must be {what}, not {_type_name(value)}")
+            self.fail(name, f"must be {what}, not {type_name(value)}")
         return value
 
     def string(
@@ -243,7 +243,7 @@ class ConfigTable:
             self.fail(name, "must name at least one secret")
         for v in value:
             if not isinstance(v, str):
-                self.fail(name, f"must be a list of strings, not a list holding {_type_name(v)}")
+                self.fail(name, f"must be a list of strings, not a list holding {type_name(v)}")
             if not v:
                 self.fail(name, "holds an empty secret")
         return tuple(Secret(v) for v in value)
@@ -271,7 +271,7 @@ class ConfigTable:
     def table(self, name: str, required: bool = False) -> ConfigTable:
         value = self._raw(name, {}, required)
         if not isinstance(value, dict):
-            self.fail(name, f"must be a table, not {_type_name(value)}")
+            self.fail(name, f"must be a table, not {type_name(value)}")
         return ConfigTable(value, self.file, self.key(name), self.text, self.env)
 
     def finish(self) -> None:
@@ -280,7 +280,8 @@ class ConfigTable:
             self.fail(unknown[0], "unknown key")
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How a TOML value's type is named in messages."""
     return {
         str: "a string",
         int: "an integer",

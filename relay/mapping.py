@@ -30,6 +30,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from relay.config import type_name
 from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
@@ -349,7 +350,7 @@ def _compile_rule(index: int, raw: dict[str, Any], fail: Fail, lines: KeyLines) 
 
     def field(key: str, value: Any) -> _Field:
         if not isinstance(value, str):
-            fail(f"{at}.{key}", f"must be a string (a template), not {_type_name(value)}")
+            fail(f"{at}.{key}", f"must be a string (a template), not {type_name(value)}")
         return _compile(f"{at}.{key}", key.removeprefix("payload."), value, fail)
 
     condition = raw.get("if")
@@ -362,7 +363,7 @@ def _compile_rule(index: int, raw: dict[str, Any], fail: Fail, lines: KeyLines) 
     optional = tuple(field(k, raw[k]) for k in _OPTIONAL if k in raw)
     payload = raw.get("payload", {})
     if not isinstance(payload, dict):
-        fail(f"{at}.payload", f"must be a table of templates, not {_type_name(payload)}")
+        fail(f"{at}.payload", f"must be a table of templates, not {type_name(payload)}")
     if "" in payload:
         fail(f"{at}.payload", "holds an empty key")
     payload_fields = tuple(field(f"payload.{k}", v) for k, v in payload.items())
@@ -446,14 +447,3 @@ def _check_tree(tree: nodes.Template) -> None:
             raise _Unsafe(f"template error: no filter named {node.name!r}")
         if isinstance(node, nodes.Test) and node.name not in _ENV.tests:
             raise _Unsafe(f"template error: no test named {node.name!r}")
-
-
-def _type_name(value: Any) -> str:
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        list: "a list",
-        dict: "a table",
-    }.get(type(value), type(value).__name__)

@@ -241,3 +241,16 @@ def stripe_post(
     ts = int(time.time()) if timestamp is None else timestamp
     header = stripe.WebhookSignature.generate_signature_header(body.decode(), secret, timestamp=ts)
     return body, {"stripe-signature": header, "content-type": "application/json"}
+
+
+def settled(sandbox: Sandbox, n: int) -> list[dict[str, Any]]:
+    """The sandbox's events once `n` arrived and a little longer, so extras would show."""
+    sandbox.wait_for(n, timeout=20)
+    time.sleep(0.6)  # two flush intervals: anything more on its way would have arrived
+    return sandbox.events()
+
+
+def refused(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    body = response.json()
+    assert body["ok"] is False and body["error"] == "invalid_signature"

@@ -31,7 +31,16 @@ from standardwebhooks import Webhook
 from relay.cli import main
 from relay.providers import hubspot, sendgrid
 from relay.providers.standard import sample_payload
-from tests.conftest import MAPPINGS, STRIPE_SECRET, TABLES, Relay, Sandbox, row_counts
+from tests.conftest import (
+    MAPPINGS,
+    STRIPE_SECRET,
+    TABLES,
+    Relay,
+    Sandbox,
+    refused,
+    row_counts,
+    settled,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "providers-generic.md"
@@ -150,19 +159,6 @@ def crm(
     for name, value in ENV.items():
         monkeypatch.setenv(name, value)
     return Crm(relay_factory(sandbox, sources=crm_sources(tmp_path)), sandbox)
-
-
-def settled(sandbox: Sandbox, n: int) -> list[dict[str, Any]]:
-    """The sandbox's events once `n` arrived and a little longer, so extras would show."""
-    sandbox.wait_for(n, timeout=20)
-    time.sleep(0.6)  # two flush intervals: anything more on its way would have arrived
-    return sandbox.events()
-
-
-def refused(response: httpx.Response) -> None:
-    assert response.status_code == 401, response.text
-    body = response.json()
-    assert body["ok"] is False and body["error"] == "invalid_signature"
 
 
 def ok(accepted: int, duplicates: int = 0) -> dict[str, Any]:

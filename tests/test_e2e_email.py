@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
-import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.providers import mailgun, sendgrid
-from tests.conftest import MAPPINGS, TABLES, Relay, Sandbox, row_counts
+from tests.conftest import MAPPINGS, TABLES, Relay, Sandbox, refused, row_counts, settled
 
 MAILGUN_KEY = "key-e2e-mailgun-signing-0123456789abcdef"
 EXAMPLES = MAPPINGS / "examples" / "mailgun"
@@ -75,19 +74,6 @@ mapping = "{MAPPINGS / "mailgun.toml"}"
 
 def recipient_hash(address: str) -> str:
     return hashlib.sha256(address.strip().lower().encode()).hexdigest()
-
-
-def settled(sandbox: Sandbox, n: int) -> list[dict[str, Any]]:
-    """The sandbox's events once `n` arrived and a little longer, so extras would show."""
-    sandbox.wait_for(n, timeout=20)
-    time.sleep(0.6)  # two flush intervals: anything more on its way would have arrived
-    return sandbox.events()
-
-
-def refused(response: httpx.Response) -> None:
-    assert response.status_code == 401, response.text
-    body = response.json()
-    assert body["ok"] is False and body["error"] == "invalid_signature"
 
 
 # -- SendGrid ------------------------------------------------------------------------------

@@ -95,6 +95,17 @@ def json_body(request: WebhookRequest) -> Any:
         raise InvalidBody(f"body is not JSON: {e}") from None
 
 
+def json_events(request: WebhookRequest, sender: str) -> list[dict[str, Any]]:
+    """A body that is a JSON array of event objects (SendGrid, HubSpot), or InvalidBody."""
+    body = json_body(request)
+    if not isinstance(body, list):
+        raise InvalidBody(f"a {sender} webhook is a JSON array of events")
+    for i, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise InvalidBody(f"event {i} is not an object")
+    return body
+
+
 def check_age(timestamp: str | None, now: float, tolerance: float, *, scale: float = 1.0) -> float:
     """Parse a timestamp header and refuse it when outside the tolerance. Returns seconds."""
     from relay.errors import InvalidSignature

@@ -24,7 +24,7 @@ from relay.providers.base import (
     Sample,
     WebhookRequest,
     check_age,
-    json_body,
+    json_events,
 )
 from relay.providers.hmac import called_url, config_url
 
@@ -143,13 +143,8 @@ class HubSpotProvider(Provider):
         raise InvalidSignature("no signature matches")
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
-        body = json_body(request)
-        if not isinstance(body, list):
-            raise InvalidBody("a HubSpot webhook is a JSON array of events")
         events = []
-        for i, item in enumerate(body):
-            if not isinstance(item, dict):
-                raise InvalidBody(f"event {i} is not an object")
+        for i, item in enumerate(json_events(request, "HubSpot")):
             event_id, event_type = item.get("eventId"), item.get("subscriptionType")
             if isinstance(event_id, bool) or not isinstance(event_id, int | str) or event_id == "":
                 raise InvalidBody(f"event {i} has no eventId")

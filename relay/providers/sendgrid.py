@@ -30,7 +30,7 @@ from relay.providers.base import (
     Sample,
     WebhookRequest,
     check_age,
-    json_body,
+    json_events,
 )
 
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
@@ -119,13 +119,8 @@ class SendGridProvider(Provider):
         check_age(timestamp, request.received_at, self.tolerance)
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
-        body = json_body(request)
-        if not isinstance(body, list):
-            raise InvalidBody("a SendGrid webhook is a JSON array of events")
         events = []
-        for i, item in enumerate(body):
-            if not isinstance(item, dict):
-                raise InvalidBody(f"item {i} is not an event object")
+        for i, item in enumerate(json_events(request, "SendGrid")):
             event_id, event_type = item.get("sg_event_id"), item.get("event")
             if not isinstance(event_id, str) or not event_id:
                 raise InvalidBody(f"item {i} has no sg_event_id")
