@@ -143,7 +143,7 @@ class Gateway:
         self.router = app.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if receive_mod.is_webhook(scope) and receive_mod.method_allowed(scope):
+        if receive_mod.is_webhook_post(scope):
             await receive_mod.handle(self.runtime, scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping as MappingABC
-from dataclasses import dataclass
 from pathlib import Path
 
 from relay import store as ops
@@ -62,12 +61,6 @@ def outputs_of(source: Source, result: MapResult) -> tuple[str, list[Output], in
         outcome = "ignored"
     fitted = sum(1 for m in result.outputs if m.notes)
     return outcome, outs, fitted
-
-
-@dataclass(frozen=True)
-class Handled:
-    result: IngestResult
-    events: int
 
 
 class Pipeline:
@@ -135,7 +128,7 @@ class Pipeline:
             incoming.append(IncomingEvent(ev.key, ev.type, outcome, outs))
         return incoming
 
-    async def handle(self, source: Source, request: WebhookRequest) -> Handled:
+    async def handle(self, source: Source, request: WebhookRequest) -> IngestResult:
         if source.verifier is not None:
             source.verifier.verify(request)
         events = source.provider.parse(request)
@@ -164,4 +157,4 @@ class Pipeline:
             self.metrics.events.labels(source.name, "duplicate").inc(result.duplicates)
         for destination, n in result.dead.items():
             self.metrics.dead_letters.labels(destination).inc(n)
-        return Handled(result, len(events))
+        return result

@@ -98,7 +98,7 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
         request = WebhookRequest(
             scope["method"], request_url(scope, headers), headers, body, received_at
         )
-        handled = await rt.pipeline.handle(source, request)
+        result = await rt.pipeline.handle(source, request)
     except ClientGone:
         rt.metrics.webhooks.labels(label, "client_gone").inc()
         log.info("webhook %s: the sender hung up before its body arrived", name)
@@ -124,7 +124,6 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
         body = b'{"ok": false, "error": "unavailable", "message": "internal error; retry later"}'
         await _answer(send, 503, body, ((b"retry-after", b"5"),))
         return
-    result = handled.result
     if rt.forwarder is not None:
         for dest in result.queued:
             rt.forwarder.notify(dest)
@@ -142,9 +141,8 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
     await _answer(send, 200, body)
 
 
-def is_webhook(scope: Scope) -> bool:
-    return bool(scope["type"] == "http" and scope["path"].startswith(PREFIX))
-
-
-def method_allowed(scope: Scope) -> bool:
-    return bool(scope["method"] == "POST")
+def is_webhook_post(scope: Scope) -> bool:
+    """A webhook delivery; other methods on /webhooks/ get Starlette's JSON 405."""
+    return bool(
+        scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith(PREFIX)
+    )

@@ -188,6 +188,14 @@ class Relay:
     def runtime(self) -> Any:
         return self.app.state.relay
 
+    @property
+    def db(self) -> Path:
+        path: Path = self.config.relay.database
+        return path
+
+    def rows(self) -> dict[str, int]:
+        return row_counts(self.db)
+
 
 @pytest.fixture
 def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:

@@ -38,7 +38,6 @@ from tests.conftest import (
     Relay,
     Sandbox,
     refused,
-    row_counts,
     settled,
 )
 
@@ -139,11 +138,10 @@ class Crm:
 
     @property
     def db(self) -> Path:
-        path: Path = self.relay.config.relay.database
-        return path
+        return self.relay.db
 
     def rows(self) -> dict[str, int]:
-        return row_counts(self.db)
+        return self.relay.rows()
 
     def url(self, source: str) -> str:
         return f"{self.relay.url}/webhooks/{source}"

@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from relay.providers import mailgun, sendgrid
-from tests.conftest import MAPPINGS, TABLES, Relay, Sandbox, refused, row_counts, settled
+from tests.conftest import MAPPINGS, TABLES, Relay, Sandbox, refused, settled
 
 MAILGUN_KEY = "key-e2e-mailgun-signing-0123456789abcdef"
 EXAMPLES = MAPPINGS / "examples" / "mailgun"
@@ -47,11 +47,10 @@ class Email:
 
     @property
     def db(self) -> Path:
-        path: Path = self.relay.config.relay.database
-        return path
+        return self.relay.db
 
     def rows(self) -> dict[str, int]:
-        return row_counts(self.db)
+        return self.relay.rows()
 
 
 @pytest.fixture
