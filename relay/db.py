@@ -1,19 +1,20 @@
-"""The SQLite file: numbered migrations, and one writer thread that owns the write connection.
+"""The SQLite file: numbered migrations, the writer, and the checkpointer.
 
-Every write goes through the writer. It takes all the jobs waiting in its queue, runs each in
-its own savepoint inside one transaction and commits once (group commit), so that many
-concurrent webhooks share one fsync. A job that fails is rolled back alone; a commit that
-fails fails every job of the group.
+Every write goes through the writer: one connection, one transaction at a time, many jobs per
+transaction (group commit) so that many concurrent webhooks share one fsync. A job that fails
+is rolled back alone; a commit that fails fails every job of the group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import contextlib
 import logging
-import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,8 +98,6 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_STOP = object()
-
 
 @dataclass
 class _Item:
@@ -114,7 +113,9 @@ class _Item:
 BatchJob = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 
 
-def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def connect(
+    path: Path, *, readonly: bool = False, checkpointer: bool = False
+) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro",
@@ -128,6 +129,9 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 10000")
+    if checkpointer:
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
     if not readonly:
         db = sqlite_utils.Database(conn)
         db.enable_wal()
@@ -159,25 +163,60 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 class Writer:
-    """The one thread that writes. Jobs are functions of the connection."""
+    """The one connection that writes, and the thread that commits. Jobs are functions of it.
 
-    def __init__(self, path: Path, max_group: int = 512):
+    Jobs in general (:meth:`run`, :meth:`call`) run in the writer thread: it takes all that
+    wait, runs each in a savepoint of its own inside one transaction and commits once (group
+    commit), so that many share one fsync; a failing job is rolled back alone.
+
+    Webhooks take a shorter road (:meth:`run_batched`): the event loop begins a transaction,
+    runs one batch call for every webhook that waits, and hands the COMMIT (the fsync) to the
+    thread. The thread gives up the GIL for every SQLite step and must win it back from a busy
+    event loop each time (up to the switch interval): a group the thread wrote itself would pay
+    that once per statement, the loop's group pays it once.
+
+    One transaction is open at a time, the loop's or the thread's. Another process that writes
+    (a second worker, the CLI) makes BEGIN busy: the loop tries again a millisecond later, the
+    thread waits as SQLite's busy timeout would.
+    """
+
+    def __init__(self, path: Path, max_group: int = 512, busy_timeout: float = 10.0):
         self.path = path
         self.max_group = max_group
+        self.busy_timeout = busy_timeout
         self.conn = connect(path)
         migrate(self.conn)
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
-        self._closed = False
+        self.conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
+        self.conn.execute(f"PRAGMA journal_size_limit = {16 << 20}")  # kept when it starts over
+        self.conn.execute("PRAGMA busy_timeout = 0")  # waits are ours: see _begin
         self.commits = 0
         self.failed_commits = 0
+        self._closed = False
+        # shared with the thread, under _cv
+        self._cv = threading.Condition()
+        self._jobs: collections.deque[_Item] = collections.deque()
+        self._to_commit: _LoopTxn | None = None
+        self._loop_txn = False  # the event loop has a transaction open
+        self._thread_txn = False  # the thread has one open
+        self._loop_waiting = False  # the loop waits for the thread's transaction to end
+        self._stopping = False
+        # the event loop's own
+        self._pending: list[_Item] = []
+        self._pending_loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._checkpointer = Checkpointer(path)
+        self._thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
         self._thread.start()
+
+    # -- jobs for the thread
 
     def _put(self, item: _Item) -> None:
         if self._closed:
             item.future.set_exception(StoreError("the store is closed"))
             return
-        self._queue.put(item)
+        with self._cv:
+            self._jobs.append(item)
+            self._cv.notify()
 
     def submit(self, job: Job) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -196,24 +235,103 @@ class Writer:
         self._put(_Item(job, fut, loop))
         return await fut
 
+    async def apply(self, fn: Callable[..., T], *args: Any) -> T:
+        """Await fn(connection, *args) in the writer."""
+        return await self.run(lambda conn: fn(conn, *args))
+
+    # -- batch items written on the event loop
+
     async def run_batched(self, batch: BatchJob, arg: Any) -> Any:
         """Await one item of a batch job: every item of a group goes to one `batch` call,
         which returns one result per item (far cheaper than a job per item)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._put(_Item(lambda conn: batch(conn, [arg])[0], fut, loop, batch, arg))
+        item = _Item(lambda conn: batch(conn, [arg])[0], fut, loop, batch, arg)
+        if self._closed:
+            raise StoreError("the store is closed")
+        if self._pending_loop is not None and self._pending_loop is not loop:
+            self._put(item)  # another loop's items are waiting: the thread writes this one
+            return await fut
+        self._pending_loop = loop
+        self._pending.append(item)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
         return await fut
 
-    async def apply(self, fn: Callable[..., T], *args: Any) -> T:
-        """Await fn(connection, *args) in the writer."""
-        return await self.run(lambda conn: fn(conn, *args))
+    def _flush(self) -> None:
+        """On the event loop: write the waiting items, unless a transaction is open (whoever
+        ends it calls this again)."""
+        self._flush_scheduled = False
+        loop = self._pending_loop
+        if not self._pending or loop is None:
+            return
+        if self._closed:
+            self._fail_pending(StoreError("the store is closed"))
+            return
+        with self._cv:
+            if self._loop_txn or self._thread_txn:
+                self._loop_waiting = True
+                return
+            self._loop_txn = True
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as e:
+            with self._cv:
+                self._loop_txn = False
+                self._cv.notify()
+            if _busy(e):  # another process writes: try again shortly
+                self._flush_scheduled = True
+                loop.call_later(0.001, self._flush)
+            else:
+                log.error("database write failed: %s", e)
+                self.failed_commits += 1
+                self._fail_pending(StoreError(f"database write failed: {e}"))
+            return
+        group = self._pending[: self.max_group]
+        del self._pending[: self.max_group]
+        txn = _LoopTxn(loop, group)
+        try:
+            txn.outcomes = self._execute(group)
+        except sqlite3.Error as e:
+            txn.error = e
+        with self._cv:
+            self._to_commit = txn
+            self._cv.notify()
+
+    def _committed(self, txn: _LoopTxn) -> None:
+        """On the event loop: the group's commit is done (or failed); answer, then go on."""
+        if txn.error is not None:
+            error = StoreError(f"database write failed: {txn.error}")
+            for item in txn.group:
+                _settle_one(item, False, error)
+        else:
+            for n, item in enumerate(txn.group):
+                ok, value = txn.outcomes[n]
+                _settle_one(item, ok, value)
+        if self._pending:
+            self._flush()
+        elif self._pending_loop is txn.loop:
+            self._pending_loop = None
+
+    def _fail_pending(self, error: StoreError) -> None:
+        pending, self._pending = self._pending, []
+        self._pending_loop = None
+        for item in pending:
+            _settle_one(item, False, error)
+
+    # -- the thread
 
     def close(self, timeout: float = 10.0) -> None:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         self._thread.join(timeout)
+        self._checkpointer.close()
+        self._fail_pending(StoreError("the store is closed"))
         try:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error:
@@ -222,67 +340,119 @@ class Writer:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            group = [item]
-            stop = False
-            while len(group) < self.max_group:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                    break
-                group.append(more)
+            txn: _LoopTxn | None = None
+            group: list[_Item] = []
+            with self._cv:
+                while True:
+                    if self._to_commit is not None:
+                        txn, self._to_commit = self._to_commit, None
+                        break
+                    if self._jobs and not self._loop_txn:
+                        while self._jobs and len(group) < self.max_group:
+                            group.append(self._jobs.popleft())
+                        self._thread_txn = True
+                        break
+                    if self._stopping and not self._loop_txn:
+                        return
+                    self._cv.wait()
+            if txn is not None:
+                self._commit_loop_txn(txn)
+                continue
             self._commit(group)
-            if stop:
-                return
+            with self._cv:
+                self._thread_txn = False
+                wake, self._loop_waiting = self._loop_waiting, False
+                loop = self._pending_loop
+            if wake and loop is not None:
+                with contextlib.suppress(RuntimeError):  # that loop is closed
+                    loop.call_soon_threadsafe(self._flush)
 
-    def _commit(self, group: list[_Item]) -> None:
+    def _commit_loop_txn(self, txn: _LoopTxn) -> None:
+        if txn.error is None:
+            try:
+                self.conn.execute("COMMIT")
+                self.commits += 1
+                self._checkpointer.poke()
+            except sqlite3.Error as e:
+                txn.error = e
+        if txn.error is not None:
+            self.failed_commits += 1
+            log.error("database commit failed: %s", txn.error)
+            self._rollback()
+        with self._cv:
+            self._loop_txn = False
+            self._loop_waiting = False  # _committed goes on with what waits
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            txn.loop.call_soon_threadsafe(self._committed, txn)
+
+    def _begin(self) -> None:
+        """BEGIN IMMEDIATE, waiting up to busy_timeout for another process that writes."""
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.0005
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as e:
+                if not _busy(e) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def _execute(self, group: list[_Item]) -> dict[int, tuple[bool, Any]]:
+        """Run a group's jobs inside the open transaction: each batch function once for all its
+        items, each other job in a savepoint of its own, so one failing job sinks nothing else.
+        Raises sqlite3.Error when the transaction itself is broken."""
         conn = self.conn
         outcomes: dict[int, tuple[bool, Any]] = {}
         batches: dict[BatchJob, list[int]] = {}
         for n, item in enumerate(group):
             if item.batch is not None:
                 batches.setdefault(item.batch, []).append(n)
+        for batch, members in batches.items():
+            if len(members) < 2:
+                continue
+            conn.execute("SAVEPOINT batch")
+            try:
+                results = batch(conn, [group[n].arg for n in members])
+                conn.execute("RELEASE batch")
+            except Exception:  # one item refused: run them one by one below
+                conn.execute("ROLLBACK TO batch")
+                conn.execute("RELEASE batch")
+                continue
+            for n, result in zip(members, results, strict=True):
+                outcomes[n] = (True, result)
+        for n, item in enumerate(group):
+            if n in outcomes:
+                continue
+            conn.execute("SAVEPOINT job")
+            try:
+                outcomes[n] = (True, item.job(conn))
+                conn.execute("RELEASE job")
+            except Exception as e:  # one job's failure must not sink the others
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                outcomes[n] = (False, e)
+        return outcomes
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            try:
+                self.conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+
+    def _commit(self, group: list[_Item]) -> None:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for batch, members in batches.items():
-                if len(members) < 2:
-                    continue
-                conn.execute("SAVEPOINT batch")
-                try:
-                    results = batch(conn, [group[n].arg for n in members])
-                    conn.execute("RELEASE batch")
-                except Exception:  # one item refused: run them one by one below
-                    conn.execute("ROLLBACK TO batch")
-                    conn.execute("RELEASE batch")
-                    continue
-                for n, result in zip(members, results, strict=True):
-                    outcomes[n] = (True, result)
-            for n, item in enumerate(group):
-                if n in outcomes:
-                    continue
-                conn.execute("SAVEPOINT job")
-                try:
-                    outcomes[n] = (True, item.job(conn))
-                    conn.execute("RELEASE job")
-                except Exception as e:  # one job's failure must not sink the others
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    outcomes[n] = (False, e)
-            conn.execute("COMMIT")
+            self._begin()
+            outcomes = self._execute(group)
+            self.conn.execute("COMMIT")
             self.commits += 1
+            self._checkpointer.poke()
         except sqlite3.Error as e:
             self.failed_commits += 1
             log.error("database commit failed: %s", e)
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            self._rollback()
             error = StoreError(f"database write failed: {e}")
             outcomes = {n: (False, error) for n in range(len(group))}
         self._settle(group, outcomes)
@@ -304,6 +474,78 @@ class Writer:
                 loop.call_soon_threadsafe(_resolve_all, entries)
             except RuntimeError:
                 pass  # that loop is closed: nobody waits any more
+
+
+def _busy(e: sqlite3.Error) -> bool:
+    return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
+
+
+class Checkpointer:
+    """Copies the write-ahead log back into the database file, beside the writer.
+
+    SQLite's own checkpoints run inside the commit that crosses 1,000 pages, and hold up every
+    webhook of the next group for as long as they copy and fsync (100 ms and more under load).
+    A PASSIVE checkpoint from a connection of its own runs while the writer goes on committing.
+    Under sustained writes the log is never fully copied at the moment a transaction starts,
+    so it would never start over and would keep growing: past `restart_pages` a RESTART
+    checkpoint makes it start over, holding up writers briefly (most of it is copied by then).
+    """
+
+    def __init__(self, path: Path, interval: float = 0.2, restart_pages: int = 16_384):
+        self.interval = interval
+        self.restart_pages = restart_pages  # 64 MB of 4 KB pages
+        self.conn = connect(path, checkpointer=True)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.checkpoints = 0
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._run, name="relay-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A commit happened: a checkpoint is due within `interval`."""
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.conn.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stop.wait(self.interval):  # let commits gather: one checkpoint for many
+                return
+            self._wake.clear()
+            try:
+                self.checkpoint()
+            except sqlite3.Error as e:  # the next commit tries again
+                log.warning("database checkpoint failed: %s", e)
+
+    def checkpoint(self) -> None:
+        _busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
+        if frames >= self.restart_pages and copied >= frames:
+            self.conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            self.restarts += 1
+
+
+class _LoopTxn:
+    """A group the event loop wrote, waiting for the thread to commit it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, group: list[_Item]) -> None:
+        self.loop = loop
+        self.group = group
+        self.outcomes: dict[int, tuple[bool, Any]] = {}
+        self.error: BaseException | None = None
+
+
+def _settle_one(item: _Item, ok: bool, value: Any) -> None:
+    if not ok and isinstance(value, sqlite3.Error):
+        value = StoreError(f"database error: {value}")
+    _resolve(item.future, ok, value)
 
 
 def _resolve(fut: Any, ok: bool, value: Any) -> None:

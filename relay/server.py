@@ -8,6 +8,8 @@ closed. SIGHUP reloads the mappings.
 
 from __future__ import annotations
 
+import gc
+import socket
 import sys
 import types
 from typing import Any
@@ -23,6 +25,13 @@ class RelayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runtime: Runtime):
         super().__init__(config)
         self.runtime = runtime
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        # What is alive now (modules, compiled mappings, the app) lives as long as the
+        # process: out of the collector's sight, a full collection under load takes a few
+        # milliseconds instead of 30 to 40, and the latency of every webhook waiting on it.
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         self.runtime.draining = True
