@@ -231,6 +231,7 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         )
         progress("  " + _describe("relay", r))
         time.sleep(0.5)  # let requests cut off by wrk's stop finish
+        commits = stack.commit_histogram(relay.port)
         code = procs.stop(relay.child)
         if code != 0:
             progress(f"  relay exited with {code} on SIGTERM:\n{relay.child.tail()}")
@@ -243,7 +244,7 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         progress("  " + _describe("bare", after))
         for path in workdir.glob("bare-requests.*"):
             path.unlink()
-    return rows(before, after, r, counts)
+    return rows(before, after, r, counts, commits)
 
 
 def _profiled(
@@ -267,7 +268,13 @@ def _profiled(
     return result
 
 
-def rows(before: WrkResult, after: WrkResult, r: WrkResult, counts: stack.Counts) -> list[Row]:
+def rows(
+    before: WrkResult,
+    after: WrkResult,
+    r: WrkResult,
+    counts: stack.Counts,
+    commits: stack.Commits,
+) -> list[Row]:
     bare_rps = (before.rps + after.rps) / 2
     drift = abs(before.rps - after.rps) / bare_rps
     ratio = r.rps / bare_rps if bare_rps else 0.0
@@ -328,6 +335,12 @@ def rows(before: WrkResult, after: WrkResult, r: WrkResult, counts: stack.Counts
             f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.max_ms:.0f} ms",
             f"p99 <= {P99_TARGET_MS:.0f} ms",
             r.p99_ms <= P99_TARGET_MS,
+        ),
+        Row(
+            "ingest",
+            "relay commits (fsync) over 25 / 100 ms",
+            f"{commits.over(0.025):,} / {commits.over(0.1):,} of {commits.count:,}, "
+            f"slowest {commits.slowest()}",
         ),
         Row("ingest", "relay answers", statuses or "none", "all 200", r.all_200),
         Row("ingest", "relay events stored once", stored, "each exactly once", stored_once),

@@ -150,6 +150,48 @@ def start_bare(procs: Procs, name: str = "bare") -> tuple[Child, int]:
 
 
 @dataclass(frozen=True)
+class Commits:
+    """The relay's relay_store_commit_seconds histogram: how long its fsyncs took."""
+
+    count: int
+    buckets: list[tuple[float, int]]  # (upper bound in seconds, cumulative count)
+
+    def over(self, seconds: float) -> int:
+        """Commits that took longer than `seconds` (a bucket bound)."""
+        within = next((n for le, n in self.buckets if le == seconds), None)
+        if within is None:
+            raise ValueError(f"{seconds} s is not a bucket bound")
+        return self.count - within
+
+    def slowest(self) -> str:
+        """The bucket of the slowest commit, as "0.5-1 s"."""
+        previous = 0.0
+        for le, n in self.buckets:
+            if n == self.count:
+                return f"{previous:g}-{le:g} s"
+            previous = le
+        return f"over {previous:g} s"
+
+
+def commit_histogram(port: int) -> Commits:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    count = 0
+    buckets: list[tuple[float, int]] = []
+    for family in text_string_to_metric_families(text):
+        if family.name != "relay_store_commit_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = int(sample.value)
+            elif sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
+                buckets.append((float(sample.labels["le"]), int(sample.value)))
+    return Commits(count, sorted(buckets))
+
+
+@dataclass(frozen=True)
 class Counts:
     """What the relay's database holds, read after the relay stopped."""
 

@@ -18,13 +18,17 @@ import pytest
 from bench import forward, ingest, webhooks
 from bench.procs import Procs
 from bench.report import Row, render
-from bench.stack import Counts, start_bare
+from bench.stack import Commits, Counts, start_bare
 from relay.config import Secret
 from relay.errors import InvalidSignature
 from relay.providers.base import WebhookRequest
 from relay.providers.stripe import StripeProvider
 
 SECRET = "whsec_" + "ab" * 16
+# 100 commits: 90 within 10 ms, 6 more within 25 ms, 3 within 100 ms, the slowest in 0.25-0.5 s
+COMMITS = Commits(
+    100, [(0.005, 60), (0.01, 90), (0.025, 96), (0.05, 98), (0.1, 99), (0.25, 99), (0.5, 100)]
+)
 
 
 def _split(raw: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -152,10 +156,12 @@ def _by_measure(rows: list[Row]) -> dict[str, Row]:
 def test_ingest_passes_when_every_answer_was_stored_once() -> None:
     bare = _wrk(10_000, 10_064, 0, rps=2000)
     relay = _wrk(1000, 1064, 1000, rps=1000)
-    rows = _by_measure(ingest.rows(bare, bare, relay, _counts(1030)))
+    rows = _by_measure(ingest.rows(bare, bare, relay, _counts(1030), COMMITS))
     assert rows["relay / bare requests/s"].ok is True
     assert rows["relay answers"].ok is True
     assert rows["relay events stored once"].ok is True
+    commits = rows["relay commits (fsync) over 25 / 100 ms"]
+    assert (commits.value, commits.ok) == ("4 / 1 of 100, slowest 0.25-0.5 s", None)
 
 
 @pytest.mark.parametrize(
@@ -168,15 +174,24 @@ def test_ingest_passes_when_every_answer_was_stored_once() -> None:
 )
 def test_ingest_fails_when_storage_does_not_match_the_answers(counts: Counts) -> None:
     relay = _wrk(1000, 1064, 1000)
-    rows = _by_measure(ingest.rows(relay, relay, relay, counts))
+    rows = _by_measure(ingest.rows(relay, relay, relay, counts, COMMITS))
     assert rows["relay events stored once"].ok is False
 
 
 def test_ingest_fails_on_any_answer_but_200_and_on_slow_p99() -> None:
     relay = _wrk(1000, 1064, 999, p99=26.0, statuses={"200": 999, "503": 1})
-    rows = _by_measure(ingest.rows(relay, relay, relay, _counts(999)))
+    rows = _by_measure(ingest.rows(relay, relay, relay, _counts(999), COMMITS))
     assert rows["relay answers"].ok is False
     assert rows["relay p50 / p99 / max latency"].ok is False
+
+
+def test_commit_histogram_counts_the_slow_commits() -> None:
+    assert (COMMITS.over(0.025), COMMITS.over(0.1), COMMITS.over(0.5)) == (4, 1, 0)
+    assert COMMITS.slowest() == "0.25-0.5 s"
+    assert Commits(3, [(0.001, 3), (0.01, 3)]).slowest() == "0-0.001 s"
+    assert Commits(3, [(0.001, 1), (0.01, 2)]).slowest() == "over 0.01 s"
+    with pytest.raises(ValueError):
+        COMMITS.over(0.03)
 
 
 def test_render_aligns_columns() -> None:

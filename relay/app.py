@@ -45,6 +45,7 @@ class Runtime:
     async def start(self) -> None:
         cfg = self.config
         self.store = Store(cfg.relay.database)
+        self.store.writer.on_commit = self.metrics.commit_seconds.observe
         self.pipeline = Pipeline(cfg, self.store, self.metrics)
         self.client = httpx.AsyncClient(
             timeout=cfg.track.timeout,

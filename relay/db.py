@@ -191,6 +191,7 @@ class Writer:
         self.conn.execute("PRAGMA busy_timeout = 0")  # waits are ours: see _begin
         self.commits = 0
         self.failed_commits = 0
+        self.on_commit: Callable[[float], None] | None = None  # seconds each COMMIT took
         self._closed = False
         # shared with the thread, under _cv
         self._cv = threading.Condition()
@@ -370,9 +371,7 @@ class Writer:
     def _commit_loop_txn(self, txn: _LoopTxn) -> None:
         if txn.error is None:
             try:
-                self.conn.execute("COMMIT")
-                self.commits += 1
-                self._checkpointer.poke()
+                self._commit_now()
             except sqlite3.Error as e:
                 txn.error = e
         if txn.error is not None:
@@ -384,6 +383,14 @@ class Writer:
             self._loop_waiting = False  # _committed goes on with what waits
         with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
             txn.loop.call_soon_threadsafe(self._committed, txn)
+
+    def _commit_now(self) -> None:
+        started = time.perf_counter()
+        self.conn.execute("COMMIT")
+        self.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
+        self._checkpointer.poke()
 
     def _begin(self) -> None:
         """BEGIN IMMEDIATE, waiting up to busy_timeout for another process that writes."""
@@ -446,9 +453,7 @@ class Writer:
         try:
             self._begin()
             outcomes = self._execute(group)
-            self.conn.execute("COMMIT")
-            self.commits += 1
-            self._checkpointer.poke()
+            self._commit_now()
         except sqlite3.Error as e:
             self.failed_commits += 1
             log.error("database commit failed: %s", e)

@@ -93,7 +93,7 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
         handler.setFormatter(TextFormatter())
     # Neither format shows the caller's file and line, thread or process: not looking them up
     # makes each record several microseconds cheaper (a line is logged per webhook).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

@@ -57,6 +57,12 @@ class Metrics:
             registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.commit_seconds = Histogram(
+            "relay_store_commit_seconds",
+            "Time to commit one group of writes to disk (the fsync every answer waits for).",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
         self.outbox_depth = Gauge(
             "relay_outbox_depth", "Events waiting to be forwarded.", ["destination"], registry=r
         )

@@ -94,6 +94,11 @@ def test_counters_move_with_webhooks_and_batches(
     assert batches >= 1
     assert value(m, "relay_forward_latency_seconds_count", destination=dest) == batches
     assert value(m, "relay_forward_latency_seconds_sum", destination=dest) > 0
+    # every answered webhook waited for a commit; batches add their own commits
+    commits = value(m, "relay_store_commit_seconds_count")
+    assert commits >= 4
+    assert value(m, "relay_store_commit_seconds_bucket", le="+Inf") == commits
+    assert 0 < value(m, "relay_store_commit_seconds_sum") < commits * 5
 
     text = endpoints_text(relay)
     assert API_KEY not in text and STRIPE_SECRET not in text and "whsec_wrong" not in text
