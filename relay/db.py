@@ -205,6 +205,7 @@ class Writer:
         self._pending: list[_Item] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
+        self._busy_since: float | None = None  # since when BEGIN finds another writer
         self._checkpointer = Checkpointer(path)
         self._thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
         self._thread.start()
@@ -281,14 +282,19 @@ class Writer:
             with self._cv:
                 self._loop_txn = False
                 self._cv.notify()
-            if _busy(e):  # another process writes: try again shortly
-                self._flush_scheduled = True
+            now = time.monotonic()
+            if self._busy_since is None:
+                self._busy_since = now
+            if _busy(e) and now - self._busy_since < self.busy_timeout:
+                self._flush_scheduled = True  # another process writes: try again shortly
                 loop.call_later(0.001, self._flush)
-            else:
-                log.error("database write failed: %s", e)
-                self.failed_commits += 1
-                self._fail_pending(StoreError(f"database write failed: {e}"))
+                return
+            self._busy_since = None
+            log.error("database write failed: %s", e)
+            self.failed_commits += 1
+            self._fail_pending(StoreError(f"database write failed: {e}"))
             return
+        self._busy_since = None
         group = self._pending[: self.max_group]
         del self._pending[: self.max_group]
         txn = _LoopTxn(loop, group)

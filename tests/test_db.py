@@ -138,6 +138,34 @@ def test_a_lock_never_released_fails_the_thread_job_after_the_busy_timeout(tmp_p
         w.close()
 
 
+def test_a_lock_never_released_fails_the_waiting_webhooks_after_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    w = Writer(tmp_path / "relay.db", busy_timeout=0.3)
+    w.call(_make_table)
+    other = sqlite3.connect(w.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            *(w.run_batched(insert_many, (f"k{n}", n)) for n in range(3)),
+            return_exceptions=True,
+        )
+
+    try:
+        started = time.monotonic()
+        results = asyncio.run(main())
+        assert 0.25 <= time.monotonic() - started < 5
+        assert all(isinstance(r, StoreError) and "locked" in str(r) for r in results), results
+        other.execute("ROLLBACK")
+        # the lock is free again: the next webhook is written at once
+        assert asyncio.run(w.run_batched(insert_many, ("after", 7))) == 14
+    finally:
+        other.close()
+        w.close()
+    assert rows(w.path) == {"after": 7}
+
+
 def test_closing_fails_what_still_waits_and_refuses_more(tmp_path: Path) -> None:
     w = Writer(tmp_path / "relay.db")
     w.call(_make_table)
