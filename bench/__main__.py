@@ -36,6 +36,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="ingest: seconds of load on each side (default 15)",
     )
     p.add_argument(
+        "--workers",
+        type=_workers_list,
+        default=(1, 2),
+        metavar="N[,N...]",
+        help="ingest: run the relay once with each of these `workers` settings (default 1,2)",
+    )
+    p.add_argument(
         "--events", type=int, default=20_000, help="forward: events in the backlog (default 20000)"
     )
     p.add_argument(
@@ -84,13 +91,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _workers_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or any(not 1 <= v <= 64 for v in values):
+        raise argparse.ArgumentTypeError("each must be between 1 and 64")
+    return values
+
+
 def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
     if which == "ready":
         return ready.run(workdir)
     if which == "ingest":
         if not ingest.wrk_found():
             return ingest.skipped()
-        return ingest.run(workdir, args.duration, args.profile.resolve() if args.profile else None)
+        profile = args.profile.resolve() if args.profile else None
+        return ingest.run(workdir, args.duration, profile, args.workers)
     if which == "forward":
         return forward.run(workdir, args.events, args.rpm, args.speedup)
     return burst.run(workdir, args.burst_events)

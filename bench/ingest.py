@@ -16,6 +16,7 @@ been stored; they are allowed for, and shown.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -190,6 +191,7 @@ def start_profiler(pid: int, duration: int, output: Path) -> subprocess.Popen[by
             "100",
             "--nonblocking",
             "--threads",
+            "--subprocesses",
             "--format",
             fmt,
             "--output",
@@ -201,11 +203,28 @@ def start_profiler(pid: int, duration: int, output: Path) -> subprocess.Popen[by
     )
 
 
-def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
+@dataclass
+class RelayRun:
+    """One run of the relay under wrk, with `workers` worker processes."""
+
+    workers: int
+    result: WrkResult
+    counts: stack.Counts
+    commits: stack.Commits
+
+    @property
+    def label(self) -> str:
+        return "relay" if self.workers == 1 else f"relay, {self.workers} workers"
+
+
+def run(
+    workdir: Path, duration: int, profile: Path | None = None, workers: tuple[int, ...] = (1,)
+) -> list[Row]:
     wrk_path()
     if profile is not None:
         py_spy_path()
     keys = stack.Secrets.fresh()
+    runs: list[RelayRun] = []
     with Procs(workdir) as procs:
         sandbox = stack.start_sandbox(procs, workdir, "ingest-sandbox", keys, 60)
         bare, bare_port = stack.start_bare(procs)
@@ -217,25 +236,28 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         before = run_wrk(bare_port, bare_files, duration, bare.pid)
         progress("  " + _describe("bare", before))
 
-        relay = stack.start_relay(procs, workdir, "ingest-relay", keys, sandbox.port)
+        # Each relay run has a database of its own: the same requests are new to each.
         distinct = max(MIN_RELAY_DISTINCT, math.ceil(before.rps * duration * HEADROOM))
-        progress(f"ingest: relay; signing {distinct:,} distinct webhooks first")
+        progress(f"ingest: signing {distinct:,} distinct webhooks for the relay")
         relay_files = workdir / "relay-requests"
-        webhooks.write_files(relay_files, THREADS, distinct, relay.port, keys.stripe)
-        progress(f"ingest: relay, {duration} s at {CONNECTIONS} connections")
-        r = _profiled(
-            lambda: run_wrk(relay.port, relay_files, duration, relay.child.pid),
-            relay.child.pid,
-            duration,
-            profile,
-        )
-        progress("  " + _describe("relay", r))
-        time.sleep(0.5)  # let requests cut off by wrk's stop finish
-        commits = stack.commit_histogram(relay.port)
-        code = procs.stop(relay.child)
-        if code != 0:
-            progress(f"  relay exited with {code} on SIGTERM:\n{relay.child.tail()}")
-        counts = stack.count_rows(relay.database)
+        webhooks.write_files(relay_files, THREADS, distinct, bare_port, keys.stripe)
+        for n in workers:
+            name = f"ingest-relay-{n}w"
+            relay = stack.start_relay(procs, workdir, name, keys, sandbox.port, workers=n)
+            progress(f"ingest: relay, {n} worker(s), {duration} s at {CONNECTIONS} connections")
+            r = _profiled(
+                functools.partial(run_wrk, relay.port, relay_files, duration, relay.child.pid),
+                relay.child.pid,
+                duration,
+                profile if not runs else None,
+            )
+            progress("  " + _describe("relay", r))
+            time.sleep(0.5)  # let requests cut off by wrk's stop finish
+            commits = stack.commit_histogram(relay.port)
+            code = procs.stop(relay.child)
+            if code != 0:
+                progress(f"  relay exited with {code} on SIGTERM:\n{relay.child.tail()}")
+            runs.append(RelayRun(n, r, stack.count_rows(relay.database), commits))
         for path in workdir.glob("relay-requests.*"):
             path.unlink()
 
@@ -244,7 +266,7 @@ def run(workdir: Path, duration: int, profile: Path | None = None) -> list[Row]:
         progress("  " + _describe("bare", after))
         for path in workdir.glob("bare-requests.*"):
             path.unlink()
-    return rows(before, after, r, counts, commits)
+    return rows(before, after, runs)
 
 
 def _profiled(
@@ -268,46 +290,16 @@ def _profiled(
     return result
 
 
-def rows(
-    before: WrkResult,
-    after: WrkResult,
-    r: WrkResult,
-    counts: stack.Counts,
-    commits: stack.Commits,
-) -> list[Row]:
+def rows(before: WrkResult, after: WrkResult, runs: list[RelayRun]) -> list[Row]:
     bare_rps = (before.rps + after.rps) / 2
     drift = abs(before.rps - after.rps) / bare_rps
-    ratio = r.rps / bare_rps if bare_rps else 0.0
-    raw = r.raw
-    cut_off = raw["issued"] - r.answered  # under way when wrk stopped: stored or not
-    extra = counts.dedupe - raw["accepted"]
-    stored_once = (
-        counts.dedupe == counts.events == counts.distinct_event_keys == counts.webhooks
-        and counts.outbox == counts.mapped == counts.events
-        and 0 <= extra <= cut_off
-        and raw["duplicates"] <= raw["repeats"]  # only a repeated request is a duplicate
-    )
-    progress(
-        f"  relay database: {counts}; answered accepted={raw['accepted']:,}, "
-        f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
-        f"stored of those={extra}, repeated requests={raw['repeats']}"
-    )
     if drift > DRIFT_WARNING:
         progress(
             f"  warning: the bare endpoint's rate moved {drift:.0%} between its two runs: "
             "the machine's speed varied; run again for a steadier ratio"
         )
-    stored = (
-        f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
-        f"answered + {extra} of {cut_off} in flight at the stop"
-    )
-    if raw["repeats"]:
-        stored += f"; {raw['repeats']:,} repeats (distinct requests ran out)"
-    statuses = ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items()))
-    if r.socket_errors:
-        statuses += f", {r.socket_errors} socket errors"
     unsteady = f", machine drift {drift:.0%}!" if drift > DRIFT_WARNING else ""
-    return [
+    out = [
         Row(
             "ingest",
             "bare requests/s (before / after relay)",
@@ -320,28 +312,61 @@ def rows(
             f"{before.p50_ms:.1f} / {before.p99_ms:.1f} ms, "
             f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms",
         ),
-        Row("ingest", "relay requests/s", f"{r.rps:,.0f}"),
-        Row("ingest", "relay CPU (server / wrk)", f"{_cores(r)}"),
+    ]
+    for run in runs:
+        out += _run_rows(run, bare_rps)
+    return out
+
+
+def _run_rows(run: RelayRun, bare_rps: float) -> list[Row]:
+    r, counts, commits, label = run.result, run.counts, run.commits, run.label
+    ratio = r.rps / bare_rps if bare_rps else 0.0
+    raw = r.raw
+    cut_off = raw["issued"] - r.answered  # under way when wrk stopped: stored or not
+    extra = counts.dedupe - raw["accepted"]
+    stored_once = (
+        counts.dedupe == counts.events == counts.distinct_event_keys == counts.webhooks
+        and counts.outbox == counts.mapped == counts.events
+        and 0 <= extra <= cut_off
+        and raw["duplicates"] <= raw["repeats"]  # only a repeated request is a duplicate
+    )
+    progress(
+        f"  {label} database: {counts}; answered accepted={raw['accepted']:,}, "
+        f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
+        f"stored of those={extra}, repeated requests={raw['repeats']}"
+    )
+    stored = (
+        f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
+        f"answered + {extra} of {cut_off} in flight at the stop"
+    )
+    if raw["repeats"]:
+        stored += f"; {raw['repeats']:,} repeats (distinct requests ran out)"
+    statuses = ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items()))
+    if r.socket_errors:
+        statuses += f", {r.socket_errors} socket errors"
+    return [
+        Row("ingest", f"{label} requests/s", f"{r.rps:,.0f}"),
+        Row("ingest", f"{label} CPU (server / wrk)", f"{_cores(r)}"),
         Row(
             "ingest",
-            "relay / bare requests/s",
+            f"{label} / bare requests/s",
             f"{ratio:.2f}",
             f">= {RATIO_TARGET}",
             ratio >= RATIO_TARGET,
         ),
         Row(
             "ingest",
-            "relay p50 / p99 / max latency",
+            f"{label} p50 / p99 / max latency",
             f"{r.p50_ms:.1f} / {r.p99_ms:.1f} / {r.max_ms:.0f} ms",
             f"p99 <= {P99_TARGET_MS:.0f} ms",
             r.p99_ms <= P99_TARGET_MS,
         ),
         Row(
             "ingest",
-            "relay commits (fsync) over 25 / 100 ms",
+            f"{label} commits (fsync) over 25 / 100 ms",
             f"{commits.over(0.025):,} / {commits.over(0.1):,} of {commits.count:,}, "
             f"slowest {commits.slowest()}",
         ),
-        Row("ingest", "relay answers", statuses or "none", "all 200", r.all_200),
-        Row("ingest", "relay events stored once", stored, "each exactly once", stored_once),
+        Row("ingest", f"{label} answers", statuses or "none", "all 200", r.all_200),
+        Row("ingest", f"{label} events stored once", stored, "each exactly once", stored_once),
     ]

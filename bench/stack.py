@@ -32,12 +32,15 @@ class Secrets:
         return {"BENCH_STRIPE_SECRET": self.stripe, "BENCH_TRACK_API_KEY": self.api_key}
 
 
-def relay_toml(database: Path, port: int, track_port: int, requests_per_minute: int) -> str:
+def relay_toml(
+    database: Path, port: int, track_port: int, requests_per_minute: int, workers: int = 1
+) -> str:
     return f"""\
 [relay]
 database = {json.dumps(str(database))}
 host = "127.0.0.1"
 port = {port}
+workers = {workers}
 
 [track]
 base_url = "http://127.0.0.1:{track_port}/api/v1"
@@ -68,11 +71,12 @@ def start_relay(
     keys: Secrets,
     track_port: int,
     requests_per_minute: int = 60,
+    workers: int = 1,
 ) -> Relay:
     port = free_port()
     database = workdir / f"{name}.db"
     config = workdir / f"{name}.toml"
-    config.write_text(relay_toml(database, port, track_port, requests_per_minute))
+    config.write_text(relay_toml(database, port, track_port, requests_per_minute, workers))
     child = procs.start(
         name, [*relay_command(), "serve", "--config", str(config)], cwd=REPO, env=keys.env()
     )

@@ -156,7 +156,7 @@ def _by_measure(rows: list[Row]) -> dict[str, Row]:
 def test_ingest_passes_when_every_answer_was_stored_once() -> None:
     bare = _wrk(10_000, 10_064, 0, rps=2000)
     relay = _wrk(1000, 1064, 1000, rps=1000)
-    rows = _by_measure(ingest.rows(bare, bare, relay, _counts(1030), COMMITS))
+    rows = _by_measure(ingest.rows(bare, bare, [ingest.RelayRun(1, relay, _counts(1030), COMMITS)]))
     assert rows["relay / bare requests/s"].ok is True
     assert rows["relay answers"].ok is True
     assert rows["relay events stored once"].ok is True
@@ -174,13 +174,15 @@ def test_ingest_passes_when_every_answer_was_stored_once() -> None:
 )
 def test_ingest_fails_when_storage_does_not_match_the_answers(counts: Counts) -> None:
     relay = _wrk(1000, 1064, 1000)
-    rows = _by_measure(ingest.rows(relay, relay, relay, counts, COMMITS))
+    rows = _by_measure(ingest.rows(relay, relay, [ingest.RelayRun(1, relay, counts, COMMITS)]))
     assert rows["relay events stored once"].ok is False
 
 
 def test_ingest_fails_on_any_answer_but_200_and_on_slow_p99() -> None:
     relay = _wrk(1000, 1064, 999, p99=26.0, statuses={"200": 999, "503": 1})
-    rows = _by_measure(ingest.rows(relay, relay, relay, _counts(999), COMMITS))
+    rows = _by_measure(
+        ingest.rows(relay, relay, [ingest.RelayRun(1, relay, _counts(999), COMMITS)])
+    )
     assert rows["relay answers"].ok is False
     assert rows["relay p50 / p99 / max latency"].ok is False
 

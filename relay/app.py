@@ -32,8 +32,17 @@ applog = logging.getLogger("relay")
 class Runtime:
     """Everything one running gateway holds."""
 
-    def __init__(self, config: Config, housekeeping_interval: float = 30.0):
+    def __init__(
+        self,
+        config: Config,
+        housekeeping_interval: float = 30.0,
+        worker: int = 0,
+        workers: int = 1,
+    ):
         self.config = config
+        # With workers > 1, each worker process receives webhooks; worker 0 alone forwards.
+        self.worker = worker
+        self.workers = workers
         self.metrics = Metrics()
         self.store: Store | None = None
         self.pipeline: Pipeline | None = None
@@ -44,22 +53,26 @@ class Runtime:
 
     async def start(self) -> None:
         cfg = self.config
-        self.store = Store(cfg.relay.database)
+        self.store = Store(cfg.relay.database, shared=self.workers > 1)
         self.store.writer.on_commit = self.metrics.commit_seconds.observe
         self.pipeline = Pipeline(cfg, self.store, self.metrics)
-        self.client = httpx.AsyncClient(
-            timeout=cfg.track.timeout,
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
-            headers={"user-agent": "webhook-relay"},
-        )
-        self.forwarder = Forwarder(
-            self.store,
-            cfg,
-            self.client,
-            self.metrics,
-            housekeeping_interval=self.housekeeping_interval,
-        )
-        await self.forwarder.start()
+        if self.worker == 0:
+            self.client = httpx.AsyncClient(
+                timeout=cfg.track.timeout,
+                limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+                headers={"user-agent": "webhook-relay"},
+            )
+            self.forwarder = Forwarder(
+                self.store,
+                cfg,
+                self.client,
+                self.metrics,
+                housekeeping_interval=self.housekeeping_interval,
+            )
+            await self.forwarder.start()
+        if self.worker > 0:
+            applog.info("worker %d of %d ready", self.worker, self.workers)
+            return
         for name, source in cfg.sources.items():
             if source.verifier is None:
                 applog.warning(
@@ -69,10 +82,11 @@ class Runtime:
                     name,
                 )
         applog.info(
-            "relay ready: %d source(s), %d destination(s), database %s",
+            "relay ready: %d source(s), %d destination(s), database %s%s",
             len(cfg.sources),
-            len(self.forwarder.workers),
+            len(cfg.destinations),
             cfg.relay.database,
+            f", {self.workers} workers" if self.workers > 1 else "",
         )
 
     async def stop(self) -> None:
@@ -105,16 +119,22 @@ async def readyz(request: Request) -> Response:
     problems: list[str] = []
     if rt.draining:
         problems.append("shutting down")
-    if rt.store is None or rt.forwarder is None:
+    forwards = rt.worker == 0  # the other workers leave forwarding to worker 0
+    paused: dict[str, str] = {}
+    if rt.store is None or (forwards and rt.forwarder is None):
         problems.append("starting")
     else:
         try:
             await rt.store.writer.run(status_mod.touch)
         except StoreError as e:
             problems.append(f"store not writable: {e}")
-        if not rt.forwarder.running and not rt.draining:
-            problems.append("forwarder not running")
-    paused = rt.forwarder.paused() if rt.forwarder is not None else {}
+        if rt.forwarder is not None:
+            if not rt.forwarder.running and not rt.draining:
+                problems.append("forwarder not running")
+            paused = rt.forwarder.paused()
+        else:  # as worker 0 recorded them
+            with contextlib.suppress(Exception):
+                paused = await status_mod.paused_destinations(rt.store)
     body = {"ok": not problems, "problems": problems, "paused": paused}
     return JSONResponse(body, status_code=503 if problems else 200)
 
@@ -155,9 +175,13 @@ async def _method_not_allowed(request: Request) -> Response:
 
 
 def create_app(
-    config: Config, housekeeping_interval: float = 30.0, mounts: list[BaseRoute] | None = None
+    config: Config,
+    housekeeping_interval: float = 30.0,
+    mounts: list[BaseRoute] | None = None,
+    worker: int = 0,
+    workers: int = 1,
 ) -> Gateway:
-    runtime = Runtime(config, housekeeping_interval)
+    runtime = Runtime(config, housekeeping_interval, worker, workers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

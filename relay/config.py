@@ -301,6 +301,7 @@ class RelaySettings:
     shutdown_grace: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -398,6 +399,7 @@ def parse_config(
         shutdown_grace=r.duration("shutdown_grace", "10s"),
         host=r.string("host", "127.0.0.1"),
         port=r.integer("port", 8000, min=1, max=65535),
+        workers=r.integer("workers", 1, min=1, max=64),
     )
     r.finish()
     if relay.retention < relay.dedupe_window:

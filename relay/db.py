@@ -180,8 +180,19 @@ class Writer:
     thread waits as SQLite's busy timeout would.
     """
 
-    def __init__(self, path: Path, max_group: int = 512, busy_timeout: float = 10.0):
+    def __init__(
+        self,
+        path: Path,
+        max_group: int = 512,
+        busy_timeout: float = 10.0,
+        commit_on_loop: bool = False,
+    ):
         self.path = path
+        # Where the loop's groups are committed. In the thread (the default), the loop goes on
+        # serving requests during the fsync. On the loop, for processes that share the file
+        # with other writers (workers > 1): the write lock is then held for the statements and
+        # the fsync only, not also for the thread's wait to win the GIL back.
+        self.commit_on_loop = commit_on_loop
         self.max_group = max_group
         self.busy_timeout = busy_timeout
         self.conn = connect(path)
@@ -302,9 +313,30 @@ class Writer:
             txn.outcomes = self._execute(group)
         except sqlite3.Error as e:
             txn.error = e
+        if self.commit_on_loop:
+            self._commit_here(txn)
+            return
         with self._cv:
             self._to_commit = txn
             self._cv.notify()
+
+    def _commit_here(self, txn: _LoopTxn) -> None:
+        """On the event loop: commit the group it just wrote. The fsync blocks this loop, but
+        the write lock is held only as long as the disk takes; see `commit_on_loop`."""
+        if txn.error is None:
+            try:
+                self._commit_now()
+            except sqlite3.Error as e:
+                txn.error = e
+        if txn.error is not None:
+            self.failed_commits += 1
+            log.error("database commit failed: %s", txn.error)
+            self._rollback()
+        with self._cv:
+            self._loop_txn = False
+            if self._jobs:
+                self._cv.notify()
+        txn.loop.call_soon(self._committed, txn)
 
     def _committed(self, txn: _LoopTxn) -> None:
         """On the event loop: the group's commit is done (or failed); answer, then go on."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import os
 import sys
 import threading
 import time
-from typing import TextIO
 
 
 class JSONFormatter(logging.Formatter):
@@ -42,51 +42,77 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
 
-class BatchedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes lines into a buffer that a background thread flushes every `interval` seconds.
+PIPE_BUF = 4096  # POSIX: a write of at most this many bytes to a pipe is never interleaved
+
+
+class BatchedStreamHandler(logging.Handler):
+    """Collects lines that a background thread writes every `interval` seconds.
 
     A line per webhook must not cost a write system call per webhook on the event loop;
-    warnings and errors are flushed at once, and whatever is buffered at exit is flushed.
+    warnings and errors are written at once, and whatever is left at exit is written. Writes
+    end on a line and hold at most PIPE_BUF bytes, so that worker processes sharing one stderr
+    pipe (workers > 1) never cut into each other's lines.
     """
 
-    def __init__(self, stream: TextIO, interval: float = 0.1):
-        super().__init__(stream)
+    def __init__(self, fd: int, interval: float = 0.1):
+        super().__init__()
+        self.fd = fd
         self.interval = interval
+        self._lines: list[bytes] = []
+        self._write_lock = threading.Lock()  # batches go out in the order they were taken
         thread = threading.Thread(target=self._flusher, name="relay-logs", daemon=True)
         thread.start()
         atexit.register(self.flush_now)
 
-    def flush(self) -> None:
-        pass  # the flusher thread does it
-
     def emit(self, record: logging.LogRecord) -> None:
-        super().emit(record)
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", "replace")
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.append(line)  # under self.lock: handle() holds it around emit()
         if record.levelno >= logging.WARNING:
             self.flush_now()
 
+    def flush(self) -> None:
+        pass  # the flusher thread does it
+
     def flush_now(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            try:
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
+        with self._write_lock:
+            with self.lock:  # type: ignore[union-attr]
+                lines, self._lines = self._lines, []
+            for chunk in line_chunks(lines, PIPE_BUF):
+                try:
+                    while chunk:
+                        chunk = chunk[os.write(self.fd, chunk) :]
+                except OSError:
+                    return  # stderr is gone: nowhere to say so
 
     def _flusher(self) -> None:
         while True:
             time.sleep(self.interval)
-            self.flush_now()
+            if self._lines:
+                self.flush_now()
+
+
+def line_chunks(lines: list[bytes], limit: int) -> list[bytes]:
+    """Whole lines joined into chunks of at most `limit` bytes (a longer line goes alone)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        if current and size + len(line) > limit:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks
 
 
 def setup_logging(fmt: str = "text", level: str = "info") -> None:
-    stream = open(  # noqa: SIM115  (lives as long as the process)
-        sys.stderr.fileno(),
-        "w",
-        buffering=1 << 16,
-        encoding="utf-8",
-        errors="replace",
-        closefd=False,
-    )
-    handler = BatchedStreamHandler(stream)
+    handler = BatchedStreamHandler(sys.stderr.fileno())
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:

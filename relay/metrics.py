@@ -1,8 +1,19 @@
-"""Prometheus metrics, in a registry of the app's own (so tests can run several apps)."""
+"""Prometheus metrics, in a registry of the app's own (so tests can run several apps).
+
+With several worker processes (`workers` > 1) the supervisor gives them one directory in
+PROMETHEUS_MULTIPROC_DIR: each process writes its values there, and whichever worker answers
+/metrics adds up the counters and histograms of all of them, the dead ones included. The gauges
+are read from the database at each scrape, so the most recent value is the right one.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Metrics:
@@ -64,23 +75,38 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.outbox_depth = Gauge(
-            "relay_outbox_depth", "Events waiting to be forwarded.", ["destination"], registry=r
+            "relay_outbox_depth",
+            "Events waiting to be forwarded.",
+            ["destination"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.outbox_oldest = Gauge(
             "relay_outbox_oldest_age_seconds",
             "Age of the oldest waiting event.",
             ["destination"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.dead_letter_depth = Gauge(
-            "relay_dead_letters", "Events in the dead-letter queue.", ["destination"], registry=r
+            "relay_dead_letters",
+            "Events in the dead-letter queue.",
+            ["destination"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.paused = Gauge(
             "relay_destination_paused",
             "1 while the track API refuses this destination.",
             ["destination"],
             registry=r,
+            multiprocess_mode="mostrecent",
         )
 
     def render(self) -> bytes:
+        directory = os.environ.get(MULTIPROCESS_DIR)
+        if directory:
+            every_worker = CollectorRegistry()
+            MultiProcessCollector(every_worker, directory)  # type: ignore[no-untyped-call]
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

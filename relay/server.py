@@ -19,6 +19,7 @@ from starlette.routing import BaseRoute
 
 from relay.app import Runtime, create_app
 from relay.config import Config
+from relay.workers import Supervisor, die_with_supervisor, worker_role
 
 
 class RelayServer(uvicorn.Server):
@@ -43,9 +44,15 @@ class RelayServer(uvicorn.Server):
 
 
 def build_server(
-    config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None, **options: Any
+    config: Config,
+    host: str,
+    port: int,
+    mounts: list[BaseRoute] | None = None,
+    worker: int = 0,
+    workers: int = 1,
+    **options: Any,
 ) -> RelayServer:
-    app = create_app(config, mounts=mounts)
+    app = create_app(config, mounts=mounts, worker=worker, workers=workers)
     uv = uvicorn.Config(
         app,
         host=host,
@@ -60,12 +67,30 @@ def build_server(
     return RelayServer(uv, app.state.relay)
 
 
-def serve(config: Config, host: str, port: int, mounts: list[BaseRoute] | None = None) -> bool:
-    """Run until stopped; False when the server could not start."""
+def serve(
+    config: Config,
+    host: str,
+    port: int,
+    mounts: list[BaseRoute] | None = None,
+    *,
+    log_format: str = "text",
+    log_level: str = "info",
+) -> bool:
+    """Run until stopped; False when the server could not start (or, with workers > 1, when a
+    worker failed)."""
+    role = worker_role()
+    if role is None and config.relay.workers > 1:
+        supervisor = Supervisor(config, host, port, config.relay.workers, log_format, log_level)
+        return supervisor.run()
     # The writer thread gives up the GIL around every SQLite step and must win it back from
     # the event loop; at the default 5 ms switch interval each of those waits can cost up to
     # 5 ms, and webhooks waiting on the commit wait with it.
     sys.setswitchinterval(0.0005)
-    server = build_server(config, host, port, mounts)
-    server.run()
+    if role is None:
+        server = build_server(config, host, port, mounts)
+        server.run()
+    else:
+        die_with_supervisor()
+        server = build_server(config, host, port, mounts, role.index, role.count)
+        server.run(sockets=[role.sock])
     return bool(server.started)

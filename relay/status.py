@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from collections.abc import Sequence
@@ -20,6 +21,24 @@ def touch(conn: sqlite3.Connection) -> None:
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(time.time()),),
     )
+
+
+async def paused_destinations(store: Store) -> dict[str, str]:
+    """Paused destinations and why, as the forwarder recorded them."""
+
+    def read() -> dict[str, str]:
+        conn = store.reader()
+        try:
+            return {
+                str(name): str(reason)
+                for name, reason in conn.execute(
+                    "SELECT name, paused_reason FROM destinations WHERE paused_reason IS NOT NULL"
+                )
+            }
+        finally:
+            conn.close()
+
+    return await asyncio.to_thread(read)
 
 
 @dataclass(frozen=True)
@@ -99,7 +118,6 @@ def read_status(
 
 
 async def refresh_gauges(store: Store, metrics: Metrics, sources: Sequence[Source]) -> None:
-    import asyncio
 
     def read() -> Status:
         conn = store.reader()

@@ -349,9 +349,10 @@ def prune(
 class Store:
     """The relay's database: the writer thread for writes, short-lived connections for reads."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, shared: bool = False):
+        """`shared`: other processes write to this file too (workers > 1)."""
         self.path = path
-        self.writer = Writer(path)
+        self.writer = Writer(path, commit_on_loop=shared)
 
     def close(self) -> None:
         self.writer.close()

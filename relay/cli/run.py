@@ -98,19 +98,41 @@ def sandbox(
     show_envvar=True,
     help="Port (default: [relay] port).",
 )
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(1, 64),
+    envvar="RELAY_WORKERS",
+    show_envvar=True,
+    help="Worker processes receiving webhooks (default: [relay] workers, 1).",
+)
 @with_log_options
 def serve(
-    config_file: str | None, host: str | None, port: int | None, log_format: str, log_level: str
+    config_file: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+    log_format: str,
+    log_level: str,
 ) -> None:
     """Run the gateway. SIGTERM drains and exits 0; SIGHUP reloads the mappings."""
+    import dataclasses
+
     from relay.ingest import load_mappings
     from relay.server import serve as run_server
 
     # Config and mappings first: a mistake in them is one line on stderr, exit 1.
     config = load(config_file)
     load_mappings(config)
+    if workers is not None:
+        config = dataclasses.replace(
+            config, relay=dataclasses.replace(config.relay, workers=workers)
+        )
     setup_logs(log_format, log_level)
-    if not run_server(config, host or config.relay.host, port or config.relay.port):
+    host, port = host or config.relay.host, port or config.relay.port
+    if not run_server(config, host, port, log_format=log_format, log_level=log_level):
+        if config.relay.workers > 1:
+            fail("a worker failed (see the log above)")
         fail("the gateway could not start (see the log above)")
 
 
