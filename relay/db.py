@@ -323,19 +323,7 @@ class Writer:
     def _commit_here(self, txn: _LoopTxn) -> None:
         """On the event loop: commit the group it just wrote. The fsync blocks this loop, but
         the write lock is held only as long as the disk takes; see `commit_on_loop`."""
-        if txn.error is None:
-            try:
-                self._commit_now()
-            except sqlite3.Error as e:
-                txn.error = e
-        if txn.error is not None:
-            self.failed_commits += 1
-            log.error("database commit failed: %s", txn.error)
-            self._rollback()
-        with self._cv:
-            self._loop_txn = False
-            if self._jobs:
-                self._cv.notify()
+        self._end_loop_txn(txn)
         txn.loop.call_soon(self._committed, txn)
 
     def _committed(self, txn: _LoopTxn) -> None:
@@ -407,6 +395,12 @@ class Writer:
                     loop.call_soon_threadsafe(self._flush)
 
     def _commit_loop_txn(self, txn: _LoopTxn) -> None:
+        self._end_loop_txn(txn)
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            txn.loop.call_soon_threadsafe(self._committed, txn)
+
+    def _end_loop_txn(self, txn: _LoopTxn) -> None:
+        """Commit the loop's group, or roll it back when it broke; the connection is free."""
         if txn.error is None:
             try:
                 self._commit_now()
@@ -419,8 +413,7 @@ class Writer:
         with self._cv:
             self._loop_txn = False
             self._loop_waiting = False  # _committed goes on with what waits
-        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
-            txn.loop.call_soon_threadsafe(self._committed, txn)
+            self._cv.notify()
 
     def _commit_now(self) -> None:
         started = time.perf_counter()
