@@ -33,9 +33,15 @@ def insert_many(conn: sqlite3.Connection, items: list[tuple[str, int]]) -> list[
     return [v * 2 for _, v in items]
 
 
+@pytest.fixture(params=[False, True], ids=["commit-in-thread", "commit-on-loop"])
+def on_loop(request: pytest.FixtureRequest) -> bool:
+    """Both ways the event loop's groups are committed (workers > 1 commit on the loop)."""
+    return bool(request.param)
+
+
 @pytest.fixture
-def writer(tmp_path: Path) -> Any:
-    w = Writer(tmp_path / "relay.db")
+def writer(tmp_path: Path, on_loop: bool) -> Any:
+    w = Writer(tmp_path / "relay.db", commit_on_loop=on_loop)
     w.call(_make_table)
     yield w
     w.close()
@@ -139,9 +145,9 @@ def test_a_lock_never_released_fails_the_thread_job_after_the_busy_timeout(tmp_p
 
 
 def test_a_lock_never_released_fails_the_waiting_webhooks_after_the_busy_timeout(
-    tmp_path: Path,
+    tmp_path: Path, on_loop: bool
 ) -> None:
-    w = Writer(tmp_path / "relay.db", busy_timeout=0.3)
+    w = Writer(tmp_path / "relay.db", busy_timeout=0.3, commit_on_loop=on_loop)
     w.call(_make_table)
     other = sqlite3.connect(w.path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
@@ -166,8 +172,8 @@ def test_a_lock_never_released_fails_the_waiting_webhooks_after_the_busy_timeout
     assert rows(w.path) == {"after": 7}
 
 
-def test_closing_fails_what_still_waits_and_refuses_more(tmp_path: Path) -> None:
-    w = Writer(tmp_path / "relay.db")
+def test_closing_fails_what_still_waits_and_refuses_more(tmp_path: Path, on_loop: bool) -> None:
+    w = Writer(tmp_path / "relay.db", commit_on_loop=on_loop)
     w.call(_make_table)
 
     async def main() -> None:
