@@ -171,9 +171,10 @@ class Writer:
 
     Webhooks take a shorter road (:meth:`run_batched`): the event loop begins a transaction,
     runs one batch call for every webhook that waits, and hands the COMMIT (the fsync) to the
-    thread. The thread gives up the GIL for every SQLite step and must win it back from a busy
-    event loop each time (up to the switch interval): a group the thread wrote itself would pay
-    that once per statement, the loop's group pays it once.
+    thread, or with `commit_on_loop` commits itself. The thread gives up the GIL for every
+    SQLite step and must win it back from a busy event loop each time (up to the switch
+    interval): a group the thread wrote itself would pay that once per statement, the loop's
+    group pays it once.
 
     One transaction is open at a time, the loop's or the thread's. Another process that writes
     (a second worker, the CLI) makes BEGIN busy: the loop tries again a millisecond later, the
