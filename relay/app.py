@@ -56,23 +56,22 @@ class Runtime:
         self.store = Store(cfg.relay.database, shared=self.workers > 1)
         self.store.writer.on_commit = self.metrics.commit_seconds.observe
         self.pipeline = Pipeline(cfg, self.store, self.metrics)
-        if self.worker == 0:
-            self.client = httpx.AsyncClient(
-                timeout=cfg.track.timeout,
-                limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
-                headers={"user-agent": "webhook-relay"},
-            )
-            self.forwarder = Forwarder(
-                self.store,
-                cfg,
-                self.client,
-                self.metrics,
-                housekeeping_interval=self.housekeeping_interval,
-            )
-            await self.forwarder.start()
-        if self.worker > 0:
+        if self.worker > 0:  # receives webhooks only
             applog.info("worker %d of %d ready", self.worker, self.workers)
             return
+        self.client = httpx.AsyncClient(
+            timeout=cfg.track.timeout,
+            limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
+            headers={"user-agent": "webhook-relay"},
+        )
+        self.forwarder = Forwarder(
+            self.store,
+            cfg,
+            self.client,
+            self.metrics,
+            housekeeping_interval=self.housekeeping_interval,
+        )
+        await self.forwarder.start()
         for name, source in cfg.sources.items():
             if source.verifier is None:
                 applog.warning(

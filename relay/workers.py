@@ -25,10 +25,11 @@ import tempfile
 import threading
 import time
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from relay.config import Config
 from relay.errors import ConfigError
+from relay.metrics import MULTIPROCESS_DIR
 
 log = logging.getLogger("relay")
 
@@ -113,7 +114,6 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     quick_exits: int = 0
-    exit_codes: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -167,7 +167,7 @@ class Supervisor:
         env[WORKER_ENV] = f"{w.index}/{len(self.workers)}"
         env[LISTEN_FD_ENV] = str(w.sock.fileno())
         env[SUPERVISOR_ENV] = str(os.getpid())
-        env["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        env[MULTIPROCESS_DIR] = self.metrics_dir
         # Its own session: a Ctrl-C in the terminal reaches the supervisor only, which then
         # asks each worker once to drain (a second signal would make uvicorn stop at once).
         w.proc = subprocess.Popen(
