@@ -59,7 +59,10 @@ class BatchedStreamHandler(logging.Handler):
         self.fd = fd
         self.interval = interval
         self._lines: list[bytes] = []
-        self._write_lock = threading.Lock()  # batches go out in the order they were taken
+        self._lines_lock = threading.Lock()  # held only to append or take the lines
+        # Batches go out in the order they were taken. Never held while waiting for self.lock
+        # (which handle() holds around emit(), and emit() may write): no lock cycle.
+        self._write_lock = threading.Lock()
         thread = threading.Thread(target=self._flusher, name="relay-logs", daemon=True)
         thread.start()
         atexit.register(self.flush_now)
@@ -70,7 +73,8 @@ class BatchedStreamHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._lines.append(line)  # under self.lock: handle() holds it around emit()
+        with self._lines_lock:
+            self._lines.append(line)
         if record.levelno >= logging.WARNING:
             self.flush_now()
 
@@ -79,7 +83,7 @@ class BatchedStreamHandler(logging.Handler):
 
     def flush_now(self) -> None:
         with self._write_lock:
-            with self.lock:  # type: ignore[union-attr]
+            with self._lines_lock:
                 lines, self._lines = self._lines, []
             for chunk in line_chunks(lines, PIPE_BUF):
                 try:

@@ -30,6 +30,16 @@ TWO = "workers = 2"
 __all__ = ["relay_process"]  # the fixture, shared with test_process
 
 
+def two_workers(
+    relay_process: Callable[..., RelayProcess], sandbox: Sandbox, track: str = ""
+) -> tuple[RelayProcess, int]:
+    """A started relay with `workers = 2`, and its supervisor's pid."""
+    relay = relay_process(sandbox, track=track, relay=TWO)
+    relay.start()
+    assert relay.proc is not None
+    return relay, relay.proc.pid
+
+
 def workers_of(supervisor: int, count: int = 2, timeout: float = 10.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -47,7 +57,7 @@ def workers_of(supervisor: int, count: int = 2, timeout: float = 10.0) -> list[i
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / 100
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def alive(pid: int) -> bool:
@@ -104,10 +114,8 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 def test_two_workers_share_the_webhooks_and_store_and_deliver_each_once(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
-    relay = relay_process(sandbox, track='flush_interval = "2s"', relay=TWO)
-    relay.start()
-    assert relay.proc is not None
-    pids = workers_of(relay.proc.pid)
+    relay, supervisor = two_workers(relay_process, sandbox, track='flush_interval = "2s"')
+    pids = workers_of(supervisor)
     assert len(pids) == 2
     cpu_before = [cpu_seconds(p) for p in pids]
 
@@ -149,8 +157,9 @@ def test_two_workers_share_the_webhooks_and_store_and_deliver_each_once(
 def test_every_worker_reports_a_destination_paused_by_the_track_api(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
-    relay = relay_process(sandbox, track='api_key = "sk_test_not_a_key_of_the_sandbox"', relay=TWO)
-    relay.start()
+    relay, _ = two_workers(
+        relay_process, sandbox, track='api_key = "sk_test_not_a_key_of_the_sandbox"'
+    )
     assert post_fresh_connection(relay.port, stripe_event()).status_code == 200
     deadline = time.monotonic() + 15
     answers: list[dict[str, object]] = []
@@ -173,12 +182,10 @@ def test_every_worker_reports_a_destination_paused_by_the_track_api(
 def test_sighup_reloads_every_worker(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
-    relay = relay_process(sandbox, relay=TWO)
-    relay.start()
-    assert relay.proc is not None
-    workers_of(relay.proc.pid)
+    relay, supervisor = two_workers(relay_process, sandbox)
+    workers_of(supervisor)
     time.sleep(0.5)  # both workers have their SIGHUP handler
-    relay.proc.send_signal(signal.SIGHUP)
+    os.kill(supervisor, signal.SIGHUP)
     deadline = time.monotonic() + 10
     while relay.log.read_text().count("mappings reloaded") < 2:
         assert time.monotonic() < deadline, relay.log.read_text()[-2000:]
@@ -190,9 +197,7 @@ def test_sighup_reloads_every_worker(
 def test_a_killed_worker_is_started_again_and_nothing_acknowledged_is_lost(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
-    relay = relay_process(sandbox, track='flush_interval = "2s"', relay=TWO)
-    relay.start()
-    assert relay.proc is not None
+    relay, supervisor = two_workers(relay_process, sandbox, track='flush_interval = "2s"')
     events = [stripe_event() for _ in range(300)]
     acked: list[str] = []
 
@@ -211,12 +216,12 @@ def test_a_killed_worker_is_started_again_and_nothing_acknowledged_is_lost(
     sender.start()
     for index in (1, 0):  # the one that only receives, then the one that also forwards
         time.sleep(0.5)
-        before = workers_of(relay.proc.pid)
+        before = workers_of(supervisor)
         victim = before[index]
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + 15
         while True:
-            now = workers_of(relay.proc.pid)
+            now = workers_of(supervisor)
             if len(now) == 2 and victim not in now:
                 break
             assert time.monotonic() < deadline, relay.log.read_text()[-2000:]
@@ -234,10 +239,8 @@ def test_a_killed_worker_is_started_again_and_nothing_acknowledged_is_lost(
 def test_workers_stop_when_the_supervisor_is_killed(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
-    relay = relay_process(sandbox, relay=TWO)
-    relay.start()
-    assert relay.proc is not None
-    pids = workers_of(relay.proc.pid)
+    relay, supervisor = two_workers(relay_process, sandbox)
+    pids = workers_of(supervisor)
     assert relay.signal(signal.SIGKILL) == -signal.SIGKILL
     deadline = time.monotonic() + 15
     while any(alive(p) for p in pids):
