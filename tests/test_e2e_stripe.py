@@ -113,7 +113,14 @@ def test_first_partial_batch_waits_for_flush_interval(
 
 @pytest.mark.parametrize(
     "case",
-    ["wrong secret", "missing header", "ten minutes old", "flipped byte", "garbage header"],
+    [
+        "wrong secret",
+        "missing header",
+        "ten minutes old",
+        "an hour ahead",
+        "flipped byte",
+        "garbage header",
+    ],
 )
 def test_bad_signatures_get_401_and_store_nothing(
     case: str, sandbox: Sandbox, relay_factory: Callable[..., Relay]
@@ -124,6 +131,8 @@ def test_bad_signatures_get_401_and_store_nothing(
         body, headers = stripe_post(event, secret="whsec_not_the_one")
     elif case == "ten minutes old":
         body, headers = stripe_post(event, timestamp=int(time.time()) - 600)
+    elif case == "an hour ahead":
+        body, headers = stripe_post(event, timestamp=int(time.time()) + 3600)
     else:
         body, headers = stripe_post(event)
         if case == "missing header":
