@@ -20,6 +20,7 @@ from relay.providers import build_source_parts
 from relay.providers.base import Provider, Verifier, WebhookRequest
 from relay.providers.hmac import HmacProvider, called_url
 from relay.providers.shared import BasicAuth, SharedToken
+from tests.conftest import Relay, Sandbox, settled
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "providers-generic.md"
 NOW = 1_700_000_000.0
@@ -172,7 +173,7 @@ SENDERS: list[tuple[str, str, bytes, Signer, str, str]] = [
         "SHOPIFY_CLIENT_SECRET",
         SHOPIFY_BODY,
         shopify,
-        "b54557e4-bdd9-4b37-8a5f-bf7d70bcd043",
+        hashlib.sha256(SHOPIFY_BODY).hexdigest(),  # the id header is not signed
         "orders/create",
     ),
     (
@@ -449,6 +450,43 @@ def test_type_constant_and_numeric_id_field() -> None:
     assert (event.key, event.type) == ("42", "lead.created")
 
 
+def test_unsigned_id_and_type_headers_cannot_make_a_replayed_body_new() -> None:
+    """Shopify signs the body only: a replay under a new webhook id and topic is the same
+    event, keyed by the body's hash; the type is the first one seen, by the dedupe layer."""
+    p = provider("shopify")
+    first = req(SHOPIFY_BODY, shopify(SHOPIFY_BODY, ENV["SHOPIFY_CLIENT_SECRET"], 0))
+    replay_headers = {
+        **shopify(SHOPIFY_BODY, ENV["SHOPIFY_CLIENT_SECRET"], 0),
+        "X-Shopify-Webhook-Id": "0f0e0d0c-0000-4000-8000-000000000001",
+        "X-Shopify-Topic": "customers/create",
+    }
+    replay = req(SHOPIFY_BODY, replay_headers)
+    for request in (first, replay):
+        p.verify(request)
+    [a], [b] = p.parse(first), p.parse(replay)
+    assert a.key == b.key == hashlib.sha256(SHOPIFY_BODY).hexdigest()
+    assert (a.type, b.type) == ("orders/create", "customers/create")
+    without_id = req(SHOPIFY_BODY, {"X-Shopify-Topic": "orders/create"})
+    assert p.parse(without_id)[0].key == a.key  # the unsigned header is not even needed
+
+
+def test_a_signed_id_header_is_the_key() -> None:
+    p = make({"signed": "{id}.{body}", "id_header": "X-Id"})
+    headers = {"x-sig": mac("s3cret", b"evt_1.{}").hex(), "x-id": "evt_1"}
+    p.verify(req(b"{}", headers))
+    assert p.parse(req(b"{}", headers))[0].key == "evt_1"
+
+
+@pytest.mark.parametrize("verify", ["basic", "token"])
+def test_an_id_header_counts_when_credentials_vouch_for_the_whole_request(verify: str) -> None:
+    table = {"provider": "hmac", "verify": verify, "id_header": "X-Id"}
+    table |= {"username": "u", "password": "p"} if verify == "basic" else {"token": "t" * 32}
+    table |= {"token_header": "X-Token"} if verify == "token" else {}
+    config = ConfigTable(table, Path("relay.toml"), "sources.x")
+    p, _ = build_source_parts("hmac", config)
+    assert p.parse(req(b"{}", {"x-id": "evt_9"}))[0].key == "evt_9"
+
+
 @pytest.mark.parametrize(
     ("extra", "body", "headers", "reason"),
     [
@@ -461,7 +499,7 @@ def test_type_constant_and_numeric_id_field() -> None:
         ({"type_field": "topic"}, b'{"topic": 7}', {}, "no topic"),
         ({"type_field": ["a", "b"]}, b'{"a": "x"}', {}, "no b"),
         ({"type_header": "X-Topic"}, b"{}", {}, "missing x-topic"),
-        ({"id_header": "X-Id"}, b"{}", {}, "missing x-id"),
+        ({"id_header": "X-Id", "signed": "{id}.{body}"}, b"{}", {}, "missing x-id"),
     ],
 )
 def test_bad_bodies(
@@ -642,3 +680,37 @@ def test_the_readme_shows_the_same_configs_as_the_docs() -> None:
     documented = doc_sources()
     for name, table in shown.items():
         assert table == documented[name], name
+
+
+def test_a_shopify_body_replayed_with_a_new_id_and_topic_is_a_duplicate_end_to_end(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay], tmp_path: Path
+) -> None:
+    blocks = re.findall(r"```toml\n(.*?)```", DOCS.read_text(encoding="utf-8"), re.S)
+    [mapping] = [b for b in blocks if "[[events]]" in b]
+    (tmp_path / "shopify.toml").write_text(mapping)
+    secret = ENV["SHOPIFY_CLIENT_SECRET"]
+    sources = f"""
+[sources.shopify]
+provider = "hmac"
+secret = "{secret}"
+signature_header = "X-Shopify-Hmac-SHA256"
+encoding = "base64"
+id_header = "X-Shopify-Webhook-Id"
+type_header = "X-Shopify-Topic"
+mapping = "{tmp_path / "shopify.toml"}"
+"""
+    relay = relay_factory(sandbox, sources=sources)
+    headers = shopify(SHOPIFY_BODY, secret, 0)
+    first = relay.post("shopify", SHOPIFY_BODY, headers)
+    assert first.json() == {"ok": True, "accepted": 1, "duplicates": 0}
+    for webhook_id, topic in [
+        ("0f0e0d0c-0000-4000-8000-000000000001", "orders/create"),
+        ("0f0e0d0c-0000-4000-8000-000000000002", "customers/create"),
+        (headers["X-Shopify-Webhook-Id"], "customers/create"),
+    ]:
+        replay = {**headers, "X-Shopify-Webhook-Id": webhook_id, "X-Shopify-Topic": topic}
+        answer = relay.post("shopify", SHOPIFY_BODY, replay)
+        assert answer.json() == {"ok": True, "accepted": 0, "duplicates": 1}, (webhook_id, topic)
+    assert relay.rows() == {"webhooks": 1, "dedupe": 1, "outbox": 1, "events": 1}
+    [delivered] = settled(sandbox, 1)
+    assert delivered["name"] == "purchase"

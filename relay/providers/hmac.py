@@ -21,7 +21,15 @@ from urllib.parse import urlsplit
 
 from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
-from relay.providers.base import Provider, ProviderEvent, Sample, WebhookRequest, check_age
+from relay.providers.base import (
+    LoneSurrogate,
+    Provider,
+    ProviderEvent,
+    Sample,
+    WebhookRequest,
+    check_age,
+    loads,
+)
 
 ALGORITHMS = ("sha1", "sha256", "sha512")
 TEMPLATE_FIELDS = ("timestamp", "body", "id", "method", "url")
@@ -124,6 +132,7 @@ class HmacProvider(Provider):
         type_header: str | None = None,
         type_fields: tuple[tuple[str, ...], ...] = (),
         type_constant: str | None = None,
+        by_signature: bool = True,
     ):
         self.secrets = secrets
         self.signature_header = signature_header
@@ -143,6 +152,9 @@ class HmacProvider(Provider):
         self.type_header = type_header
         self.type_fields = type_fields
         self.type_constant = type_constant
+        # An id header outside `signed` cannot be trusted: the body is the dedupe key then.
+        # Basic auth or a token (by_signature false) vouches for every header of the request.
+        self.id_signed = not by_signature or id_header is None or any(f == "id" for _, f in signed)
 
     @property
     def timestamped(self) -> bool:
@@ -212,6 +224,7 @@ class HmacProvider(Provider):
             type_header=type_header,
             type_fields=tuple(_path(table, "type_field", f) for f in type_field or ()),
             type_constant=type_constant,
+            by_signature=signed,
         )
 
     # -- signing -------------------------------------------------------------------------
@@ -279,7 +292,9 @@ class HmacProvider(Provider):
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
         try:
-            parsed = json.loads(request.body)
+            parsed = loads(request.body)
+        except LoneSurrogate as e:
+            raise InvalidBody(str(e)) from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             parsed = None
         if isinstance(parsed, dict):
@@ -292,7 +307,10 @@ class HmacProvider(Provider):
         return [ProviderEvent(key=key, type=kind, data=data)]
 
     def _id(self, request: WebhookRequest, data: dict[str, Any]) -> str:
-        if self.id_header:
+        """The dedupe key, from signed bytes only: an id (or a type) in a header that the
+        signature does not cover could be rewritten on a replayed body, which would count
+        again. The body's SHA-256 then stands in for the id."""
+        if self.id_header and self.id_signed:
             value = request.header(self.id_header)
             if not value:
                 raise InvalidBody(f"missing {self.id_header} header")
