@@ -17,7 +17,7 @@ from relay.config import Config
 from relay.ingest import load_mappings
 from relay.mapping import Mapping
 from relay.providers.base import WebhookRequest
-from relay.store import DEAD, PENDING
+from relay.store import DEAD, DELIVERED, IN_FLIGHT, PENDING
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,11 @@ def replay(
     do_remap: bool,
     now: float | None = None,
 ) -> tuple[list[int], list[str]]:
-    """Queue dead letters again. Returns (replayed ids, problems)."""
+    """Queue dead letters again. Returns (replayed ids, problems).
+
+    Given ids, each is queued once however often it is named; if any is not a dead letter,
+    nothing is queued and every such id is reported.
+    """
     now = time.time() if now is None else now
     if ids is None:
         targets = [
@@ -119,11 +123,15 @@ def replay(
         ]
     else:
         targets = []
-        for i in ids:
+        not_dead = []
+        for i in dict.fromkeys(ids):  # an id given twice is one dead letter, replayed once
             dl = get_dead(conn, i)
             if dl is None:
-                return [], [f"no dead letter with id {i}"]
-            targets.append(dl)
+                not_dead.append(_not_dead(conn, i))
+            else:
+                targets.append(dl)
+        if not_dead:
+            return [], not_dead
     mappings = load_mappings(config) if do_remap or any(t.body is None for t in targets) else {}
     done: list[int] = []
     problems: list[str] = []
@@ -138,10 +146,25 @@ def replay(
             except Exception as e:  # a provider refusing its own stored body
                 problems.append(f"dead letter {dl.id}: cannot remap: {e}")
                 continue
-        conn.execute(
+        queued = conn.execute(
             "UPDATE outbox SET state = ?, body = ?, attempts = 0, last_error = NULL, "
             "created_at = ?, done_at = NULL, batch_id = NULL WHERE id = ? AND state = ?",
             (PENDING, body, now, dl.id, DEAD),
-        )
-        done.append(dl.id)
+        ).rowcount
+        if queued:
+            done.append(dl.id)
+        else:
+            problems.append(f"dead letter {dl.id}: no longer dead, not queued again")
     return done, problems
+
+
+_STATES = {PENDING: "queued to be sent", IN_FLIGHT: "being sent", DELIVERED: "delivered"}
+
+
+def _not_dead(conn: sqlite3.Connection, event_id: int) -> str:
+    """Why an id given to replay is not a dead letter: unknown, or in another state."""
+    r = conn.execute("SELECT state FROM outbox WHERE id = ?", (event_id,)).fetchone()
+    if r is None:
+        return f"no dead letter with id {event_id}"
+    state = _STATES.get(r["state"], f"in state {r['state']}")
+    return f"no dead letter with id {event_id}: that event is {state}, not dead"

@@ -223,3 +223,44 @@ def test_replay_all_with_nothing_dead(
     result = cli(relay, "dead-letters", "replay", "--all")
     assert result.exit_code == 0
     assert result.stdout == "0 dead letter(s) queued again\n"
+
+
+def one_dead_letter(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> tuple[Relay, str]:
+    sandbox.fault(status=400, count=1)  # the track API refuses the first request
+    relay = relay_factory(sandbox)
+    post_refund(relay)
+    wait_until(lambda: len(dead_letters(relay)) == 1)
+    return relay, str(dead_letters(relay)[0]["id"])
+
+
+def test_replaying_an_id_given_twice_queues_it_once(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    relay, dead = one_dead_letter(sandbox, relay_factory)
+    result = cli(relay, "dead-letters", "replay", dead, dead)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"1 dead letter(s) queued again: {dead}\n"
+    assert result.stderr == ""
+    assert len(sandbox.wait_for(1)) == 1
+    time.sleep(0.6)  # two flush intervals: a second copy would have arrived
+    assert len(sandbox.events()) == 1
+    assert dead_letters(relay) == []
+
+
+def test_replay_names_every_id_that_is_not_a_dead_letter_and_queues_nothing(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    relay, dead = one_dead_letter(sandbox, relay_factory)
+    result = cli(relay, "dead-letters", "replay", dead, "998", dead, "999")
+    assert result.exit_code == 1
+    assert result.stderr == "no dead letter with id 998\nno dead letter with id 999\n"
+    assert result.stdout == "0 dead letter(s) queued again\n"
+    assert [d["id"] for d in dead_letters(relay)] == [int(dead)]
+
+    assert cli(relay, "dead-letters", "replay", dead).exit_code == 0
+    wait_until(lambda: status_json(relay)["destinations"][0]["delivered"] == 1)
+    # Replayed and delivered: no longer a dead letter, and the message says what it is.
+    result = cli(relay, "dead-letters", "replay", dead)
+    assert result.exit_code == 1
+    assert result.stderr == f"no dead letter with id {dead}: that event is delivered, not dead\n"
+    assert result.stdout == "0 dead letter(s) queued again\n"
