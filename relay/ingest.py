@@ -131,6 +131,8 @@ class Pipeline:
     async def handle(self, source: Source, request: WebhookRequest) -> IngestResult:
         if source.verifier is not None:
             source.verifier.verify(request)
+        if isinstance(source.verifier, SharedToken):  # a body token is never stored or mapped
+            request = source.verifier.without_token(request)
         events = source.provider.parse(request)
         headers = safe_headers(source, request.headers)
         incoming = self.map_events(source, events, headers)

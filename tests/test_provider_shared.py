@@ -146,6 +146,40 @@ def test_token_in_a_form_body_field() -> None:
         t.verify(req(form, b"lead_id=42"))
 
 
+def test_a_json_body_token_is_removed_after_verifying() -> None:
+    t = token(token_field="auth.token")
+    body = {"lead_id": "1", "auth": {"token": TOKEN, "kind": "shared"}, "name": "Zoë"}
+    request = req({}, json.dumps(body).encode())
+    t.verify(request)
+    kept = t.without_token(request)
+    assert json.loads(kept.body) == {"lead_id": "1", "auth": {"kind": "shared"}, "name": "Zoë"}
+    assert TOKEN.encode() not in kept.body
+    assert kept.headers == request.headers and kept.received_at == request.received_at
+    # A repeated key is read as its last value; written again, no copy of it is left.
+    twice = f'{{"token": "{TOKEN}", "id": 1, "token": "{TOKEN}"}}'.encode()
+    flat = token(token_field="token")
+    flat.verify(req({}, twice))
+    assert json.loads(flat.without_token(req({}, twice)).body) == {"id": 1}
+    # A lone surrogate escape survives, escaped.
+    odd = json.dumps({"token": TOKEN, "text": "\ud800"}).encode()
+    assert json.loads(flat.without_token(req({}, odd)).body) == {"text": "\ud800"}
+
+
+def test_a_form_body_token_is_removed_and_the_rest_kept_byte_for_byte() -> None:
+    t = token(token_field="token")
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    raw = f"lead_id=42&token=guess&name=J%C3%B6rg+R&%74oken={TOKEN}&t=1".encode()
+    request = req(form, raw)
+    t.verify(request)  # the last value of a repeated field counts, as the provider reads it
+    assert t.without_token(request).body == b"lead_id=42&name=J%C3%B6rg+R&t=1"
+
+
+def test_a_header_token_leaves_the_body_alone() -> None:
+    t = token(token_header="X-Relay-Token")
+    request = req({"X-Relay-Token": TOKEN}, b'{"token": "not the credential"}')
+    assert t.without_token(request) is request
+
+
 @pytest.mark.parametrize(
     ("keys", "key"),
     [

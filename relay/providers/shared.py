@@ -1,25 +1,29 @@
 """Verification for senders that sign nothing: HTTP Basic credentials or a shared token.
 
 Both compare in constant time. They replace a provider's own signature check when a source
-says ``verify = "basic"`` or ``verify = "token"``.
+says ``verify = "basic"`` or ``verify = "token"``. A token carried in the body is a credential
+like an Authorization header: :meth:`SharedToken.without_token` takes it out before the body is
+stored, parsed or shown to templates.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hmac
 import json
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 from relay.config import ConfigTable, Secret
-from relay.errors import InvalidSignature
+from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import WebhookRequest
 
 
 def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+    # surrogatepass: a token from a JSON body may hold a lone surrogate ("\\ud800")
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode())
 
 
 class BasicAuth:
@@ -86,12 +90,29 @@ class SharedToken:
         if not _same(value, self.token.reveal()):
             raise InvalidSignature("wrong token")
 
+    def without_token(self, request: WebhookRequest) -> WebhookRequest:
+        """The verified request with its body token removed: what is stored, parsed and mapped.
+
+        A JSON body is written again without the field (the rest keeps its values); a form
+        loses every pair of that name, the other pairs are kept byte for byte.
+        """
+        if self.field is None:
+            return request
+        if request.content_type == FORM:
+            body = _form_without(request.body, self.field)
+        else:
+            body = _json_without(request.body, self.field)
+        return dataclasses.replace(request, body=body)
+
+
+FORM = "application/x-www-form-urlencoded"
+
 
 def _body_field(request: WebhookRequest, path: str) -> str | None:
     """A dotted field from a JSON or form body, or None when it is not there."""
     data: Any
     try:
-        if request.content_type == "application/x-www-form-urlencoded":
+        if request.content_type == FORM:
             data = dict(parse_qsl(request.body.decode("utf-8"), keep_blank_values=True))
         else:
             data = json.loads(request.body)
@@ -103,3 +124,28 @@ def _body_field(request: WebhookRequest, path: str) -> str | None:
         else:
             return None
     return data if isinstance(data, str) else None
+
+
+def _form_without(body: bytes, name: str) -> bytes:
+    """A urlencoded form without any pair named `name` (names decoded as parse_qsl does)."""
+    pairs = body.decode("utf-8").split("&")
+    kept = [p for p in pairs if unquote_plus(p.partition("=")[0], errors="replace") != name]
+    return "&".join(kept).encode("utf-8")
+
+
+def _json_without(body: bytes, path: str) -> bytes:
+    """A JSON body without the dotted field `path` (which verify() found there)."""
+    data = json.loads(body)
+    parts = path.split(".")
+    parent = data
+    for part in parts[:-1]:
+        parent = parent[part]
+    del parent[parts[-1]]
+    try:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
+            return json.dumps(data, separators=(",", ":")).encode("ascii")
+    except (ValueError, RecursionError):
+        raise InvalidBody("the body cannot be stored without its token") from None
