@@ -28,7 +28,7 @@ from relay import sandbox as sandbox_mod
 from relay.app import create_app
 from relay.config import load_config
 from relay.providers import hubspot, mailgun, sendgrid, standard
-from tests.conftest import API_KEY, MAPPINGS
+from tests.conftest import API_KEY, MAPPINGS, stripe_event
 from tests.servers import ThreadedServer
 
 STRIPE = "whsec_hostile"
@@ -36,6 +36,7 @@ MAILGUN = "key-hostile-0123456789"
 HUBSPOT = "hubspot-client-secret"
 STANDARD = "whsec_" + base64.b64encode(b"hostile-standard-secret-bytes").decode()
 HMAC = "shopify-secret"
+TOKEN = "shared-token-0123456789"
 PROVIDERS = ["stripe", "mailgun", "sendgrid", "hubspot", "standard", "hmac"]
 SETTINGS = settings(
     max_examples=60,
@@ -113,6 +114,13 @@ signature_header = "X-Shopify-Hmac-SHA256"
 encoding = "base64"
 id_header = "X-Shopify-Webhook-Id"
 type_header = "X-Shopify-Topic"
+mapping = "{MAPPINGS / "standard.toml"}"
+
+[sources.token]
+provider = "hmac"
+verify = "token"
+token = "{TOKEN}"
+token_field = "token"
 mapping = "{MAPPINGS / "standard.toml"}"
 """)
     relay = ThreadedServer(create_app(load_config(tmp / "relay.toml"))).start()
@@ -299,3 +307,75 @@ def test_methods_and_paths_answer_json(env: Env) -> None:
     assert r.status_code == 405 and r.json()["ok"] is False
     r = env.client.post(f"{env.url}/nowhere")
     assert r.status_code == 404 and r.json()["ok"] is False
+
+
+def _with_lone_surrogate(where: str) -> bytes:
+    """A paid Checkout Session whose JSON text holds the escape \\ud800 (a lone surrogate)."""
+    event: dict[str, Any] = stripe_event()
+    obj = event["data"]["object"]
+    marker = "LONE"
+    if where == "id":
+        event["id"] = f"evt_{marker}"
+    elif where == "type":
+        event["type"] = f"checkout.session.completed{marker}"
+    elif where == "mapped":
+        obj["metadata"]["plan"] = f"pro{marker}"
+    elif where == "unmapped":
+        obj["customer_details"]["name"] = f"Jenny {marker}"
+    elif where == "key":
+        obj["metadata"][f"note{marker}"] = "x"
+    elif where == "array":
+        event["tags"] = [1, {"deep": [f"a{marker}"]}]
+    text = json.dumps(event)
+    assert text.count(marker) == 1
+    return text.replace(marker, "\\ud800").encode()
+
+
+@pytest.mark.parametrize("where", ["id", "type", "mapped", "unmapped", "key", "array"])
+def test_a_lone_surrogate_anywhere_in_a_signed_body_is_refused_every_time(
+    env: Env, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body, headers = signed(env, "stripe", _with_lone_surrogate(where))
+    before = env.rows()
+    with caplog.at_level("INFO"):
+        for _ in range(2):  # the sender's retry gets the same answer, not a 503
+            r = env.post("stripe", body, headers)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"] == "invalid_body"
+            assert "surrogate" in r.json()["message"]
+    assert env.rows() == before
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= 40]
+
+
+@pytest.mark.parametrize("provider", ["mailgun", "sendgrid", "hubspot", "standard", "hmac"])
+def test_every_json_provider_refuses_lone_surrogates(env: Env, provider: str) -> None:
+    event = {
+        "id": "e\\ud800",
+        "eventId": 1,
+        "sg_event_id": "x",
+        "event": "delivered",
+        "type": "t",
+        "subscriptionType": "contact.creation",
+        "objectId": 1,
+        "occurredAt": 1,
+        "note": "\\udfff\\ud800",
+    }
+    text = json.dumps([event] if provider in ("sendgrid", "hubspot") else event)
+    text = text.replace("\\\\u", "\\u")  # the escapes as a sender writes them
+    body, headers = signed(env, provider, text.encode())
+    before = env.rows()
+    r = env.post(provider, body, headers)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == "invalid_body" and "surrogate" in r.json()["message"]
+    assert env.rows() == before
+
+
+@pytest.mark.parametrize(
+    ("token", "status"), [("\\ud800", 401), (f"{TOKEN}\\udfff", 401), (TOKEN, 400)]
+)
+def test_a_lone_surrogate_near_a_body_token_is_refused(env: Env, token: str, status: int) -> None:
+    body = b'{"token": "TOKEN", "id": "e1", "note": "\\ud800"}'.replace(b"TOKEN", token.encode())
+    before = env.rows()
+    r = env.post("token", body, {"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert env.rows() == before

@@ -9,6 +9,7 @@ sample, for ``relay send-test``. Adding a provider is one module and one registr
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ class ProviderEvent:
     key: str  # the dedupe key, unique per source inside the dedupe window
     type: str  # what mapping rules match `on` against
     data: Mapping[str, Any]  # what templates see at top level (and as `event`)
+    token: Token | None = None  # a signed single-use token that vouches for this event only
+
+
+@dataclass(frozen=True)
+class Token:
+    """A value the signature covers but the event does not (Mailgun's token). The store binds
+    it to the first event it came with and refuses it on any other, until `expires_at` (when
+    the signature's own age check refuses it) has passed."""
+
+    value: str
+    expires_at: float
 
 
 @dataclass(frozen=True)
@@ -87,10 +99,34 @@ class Provider(ABC):
         raise NotImplementedError(f"{self.kind} cannot make samples")
 
 
+# A \uD800-\uDFFF escape: half of a surrogate pair, or a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class LoneSurrogate(ValueError):
+    """JSON text with a `\\ud800`-`\\udfff` escape that pairs with nothing. json.loads makes a
+    str of it that no UTF-8 encoder takes: the store could never keep the event, and every
+    retry of the webhook would fail the same way."""
+
+
+def loads(body: bytes) -> Any:
+    """JSON text as Python values. Raises ValueError (LoneSurrogate for text that is not
+    Unicode); only bodies holding a surrogate escape, or not in UTF-8, pay for that check."""
+    value = json.loads(body)
+    if _SURROGATE_ESCAPE.search(body) or json.detect_encoding(body) != "utf-8":
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise LoneSurrogate("a JSON string holds a lone surrogate (not Unicode text)") from None
+    return value
+
+
 def json_body(request: WebhookRequest) -> Any:
     """The body as JSON, or InvalidBody."""
     try:
-        return json.loads(request.body)
+        return loads(request.body)
+    except LoneSurrogate as e:
+        raise InvalidBody(str(e)) from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise InvalidBody(f"body is not JSON: {e}") from None
 
