@@ -1,4 +1,9 @@
-"""Log setup: one human-readable line per record, or one JSON object per line."""
+"""Log setup: one human-readable line per record, or one JSON object per line.
+
+Log lines carry what senders control (a source name from the URL path, event ids, reasons
+quoting a body): a newline in one of them must not start a line that looks like the relay's
+own. Both formatters write every control character of a message as an escape.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,33 @@ import atexit
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
+
+# Characters that end a line for some reader (splitlines(), editors, log viewers) or drive a
+# terminal: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# What json.dumps(ensure_ascii=False) leaves as it is among those.
+_JSON_RAW = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    c = m.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` on one line: each control character written as its escape (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(_escape, text) if _CONTROL.search(text) else text
+
+
+def continuation(text: str) -> str:
+    """A multi-line text (a traceback) as lines under the record: each indented, so that none
+    can pass for a record of its own, whatever an exception's message holds."""
+    return "".join("\n  " + escape_controls(line) for line in text.rstrip("\n").split("\n"))
 
 
 class JSONFormatter(logging.Formatter):
@@ -22,7 +51,10 @@ class JSONFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        line = json.dumps(entry, ensure_ascii=False)
+        if _JSON_RAW.search(line):
+            line = _JSON_RAW.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
+        return line
 
 
 class TextFormatter(logging.Formatter):
@@ -33,6 +65,18 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         self._second = -1
         self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.getMessage())
+        record.asctime = self.formatTime(record)
+        line = self.formatMessage(record)
+        if record.exc_info:
+            line += continuation(self.formatException(record.exc_info))
+        elif record.exc_text:
+            line += continuation(record.exc_text)
+        if record.stack_info:
+            line += continuation(self.formatStack(record.stack_info))
+        return line
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)

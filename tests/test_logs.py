@@ -1,13 +1,25 @@
-"""Log output: the text formatter's cached time, and the batched handler's whole lines."""
+"""Log output: the text formatter's cached time, the batched handler's whole lines, and one
+line per record whatever a sender puts in the values logged."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 
-from relay.logs import BatchedStreamHandler, TextFormatter, line_chunks
+import httpx
+import pytest
+
+from relay.logs import BatchedStreamHandler, JSONFormatter, TextFormatter, line_chunks
+from tests.conftest import Sandbox, relay_toml
+from tests.servers import free_port
+from tests.test_process import RelayProcess
+
+FORGED = "2026-01-01 00:00:00,000 INFO    relay.webhook: webhook stripe 200 accepted=1"
 
 
 def record(created: float) -> logging.LogRecord:
@@ -68,3 +80,61 @@ def test_the_handler_writes_every_line_once_in_order(tmp_path: Path) -> None:
     finally:
         logger.removeHandler(handler)
         os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (f"nope\n{FORGED}", f"nope\\n{FORGED}"),
+        ("a\r\nb\tc", "a\\r\\nb\\tc"),
+        ("esc\x1b[2Jdel\x7fnul\x00", "esc\\x1b[2Jdel\\x7fnul\\x00"),
+        ("nel\x85ls\u2028ps\u2029", "nel\\x85ls\\u2028ps\\u2029"),
+        ("caf\u00e9 \u2603 ok", "caf\u00e9 \u2603 ok"),
+    ],
+)
+def test_control_characters_in_a_value_are_escaped_on_one_line(value: str, shown: str) -> None:
+    r = logging.LogRecord(
+        "relay.webhook", logging.INFO, __file__, 1, "webhook %s 404", (value,), None
+    )
+    line = TextFormatter().format(r)
+    assert line.endswith(f"relay.webhook: webhook {shown} 404")
+    assert len(line.splitlines()) == 1
+    entry = JSONFormatter().format(r)
+    assert len(entry.splitlines()) == 1
+    assert json.loads(entry)["message"] == f"webhook {value} 404"  # JSON keeps the exact value
+
+
+def test_a_traceback_stays_under_its_record() -> None:
+    try:
+        raise ValueError(f"bad\n{FORGED}\rtail")
+    except ValueError:
+        exc_info = sys.exc_info()
+    r = logging.LogRecord("relay.webhook", logging.ERROR, __file__, 1, "failed", (), exc_info)
+    lines = TextFormatter().format(r).split("\n")
+    assert lines[0].endswith("relay.webhook: failed")
+    assert lines[1] == "  Traceback (most recent call last):"
+    assert all(line.startswith("  ") for line in lines[1:])
+    assert lines[-1] == f"  {FORGED}\\rtail"
+    assert len(JSONFormatter().format(r).splitlines()) == 1
+
+
+def test_a_forged_line_in_the_url_path_stays_on_its_own_line(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(relay_toml(sandbox.base_url, tmp_path / "relay.db"))
+    relay = RelayProcess(config, free_port(), tmp_path / "relay.log")
+    relay.start()
+    try:
+        path = "/webhooks/nope%0A" + FORGED.replace(" ", "%20") + "%0D%E2%80%A8x"
+        r = httpx.post(f"http://127.0.0.1:{relay.port}{path}", content=b"{}")
+        assert r.status_code == 404
+        deadline = time.monotonic() + 5
+        while "nope" not in relay.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        relay.stop()
+    lines = relay.log.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("2026-01-01")], lines
+    [line] = [line for line in lines if "nope" in line]
+    assert f"webhook nope\\n{FORGED}\\r\\u2028x 404 unknown_source" in line
