@@ -8,6 +8,7 @@ Every mistake is a ConfigError naming the file, the key and the reason. Values o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import tomllib
@@ -101,6 +102,31 @@ def _line_of(text: str | None, key: str | None) -> int | None:
     return start + 1 if len(parts) > 1 else None
 
 
+def _hide(reason: str, value: str, name: str) -> str:
+    """`reason` with `value`, as a message may print it (quoted, trimmed, as a number), replaced
+    by `name`."""
+    forms = {value, value.strip(), value.rstrip("/"), value.strip().rstrip("/"), value.lower()}
+    number = value.strip()
+    if number.lstrip("-").isdigit():
+        forms.add(str(int(number)))
+    forms.discard("")
+    ordered = sorted(forms, key=len, reverse=True)
+    quoted = False
+    for form in ordered:
+        for shown in (repr(form), json.dumps(form, ensure_ascii=False)):
+            if shown in reason:
+                reason = reason.replace(shown, f"'{name}'")
+                quoted = True
+    if quoted:  # printed as a value: elsewhere the same letters are the message's own words
+        return reason
+    for form in ordered:
+        for shown in {form, repr(form)[1:-1]}:
+            before = r"(?<![A-Za-z0-9])" if shown[0].isalnum() else ""
+            after = r"(?![A-Za-z0-9])" if shown[-1].isalnum() else ""
+            reason = re.sub(before + re.escape(shown) + after, lambda _: name, reason)
+    return reason
+
+
 class ConfigTable:
     """A typed reader over one TOML table: each getter names file and key in its errors.
 
@@ -131,7 +157,28 @@ class ConfigTable:
 
     def fail(self, name: str | None, reason: str) -> NoReturn:
         key = self.key(name) if name else (self.prefix or None)
+        reason = self._hide_variables(name, reason)
         raise ConfigError(self.file, key, reason, line=_line_of(self.text, key))
+
+    def _hide_variables(self, name: str | None, reason: str) -> str:
+        """The reason with each value the key took from ``${NAME}`` named, never shown.
+
+        Every message of every reader (the providers' too) passes here, so none prints a secret
+        it was given through the environment, whether it quotes, trims or converts the value.
+        """
+        raw = self.data.get(name) if name is not None else None
+        texts = raw if isinstance(raw, list) else [raw]
+        values: dict[str, str] = {}
+        for text in texts:
+            if not isinstance(text, str):
+                continue
+            for m in _ENV_RE.finditer(text):
+                value = self.env.get(m.group(1), m.group(2))
+                if value:
+                    values.setdefault(value, "${" + m.group(1) + "}")
+        for value in sorted(values, key=len, reverse=True):
+            reason = _hide(reason, value, values[value])
+        return reason
 
     def __contains__(self, name: str) -> bool:
         return name in self.data
