@@ -96,6 +96,18 @@ MIGRATIONS: list[str] = [
         value TEXT
     );
     """,
+    # 2: the token ledger: which event each signed single-use token (Mailgun's) vouched for,
+    # across sources (two sources may share a signing key)
+    """
+    CREATE TABLE tokens (
+        token TEXT PRIMARY KEY,
+        source TEXT NOT NULL,             -- where it came first
+        key TEXT NOT NULL,                -- the dedupe key of the event it came with
+        seen_at REAL NOT NULL,
+        expires_at REAL NOT NULL          -- when the signature's age check refuses it anyway
+    ) WITHOUT ROWID;
+    CREATE INDEX tokens_expiry ON tokens (expires_at);
+    """,
 ]
 
 

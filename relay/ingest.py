@@ -148,6 +148,7 @@ class Pipeline:
             request.body,
             incoming,
             self.config.relay.dedupe_window,
+            [(ev.key, ev.token) for ev in events if ev.token is not None],
         )
         try:
             result: IngestResult = await self.store.writer.run_batched(ops.ingest_many, item)

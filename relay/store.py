@@ -10,9 +10,13 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.db import Writer, connect
+from relay.errors import InvalidSignature
+
+if TYPE_CHECKING:
+    from relay.providers.base import Token
 
 PENDING, IN_FLIGHT, DELIVERED, DEAD = 0, 1, 2, 3
 
@@ -64,6 +68,7 @@ class Incoming:
     body: bytes
     events: Sequence[IncomingEvent]
     dedupe_window: float
+    tokens: Sequence[tuple[str, Token]] = ()  # (event key, the token that vouched for it)
 
 
 def ingest(conn: sqlite3.Connection, item: Incoming) -> IngestResult:
@@ -75,7 +80,27 @@ def ingest_many(conn: sqlite3.Connection, items: list[Incoming]) -> list[IngestR
 
     One call per group commit: one dedupe lookup and one multi-row insert per table for the
     whole group. Only the writer thread writes, so the ids it hands out are its own.
+
+    A token (Mailgun's) is bound to the first event it came with, in the same transaction as
+    that event: a webhook whose token already vouched for another event raises
+    InvalidSignature and stores nothing. The ledger is in the database, so every worker and
+    every later process of this file decide the same.
     """
+    bound = _bound_tokens(conn, items)
+    token_rows: list[tuple[str, str, str, float, float]] = []
+    for item in items:
+        for key, token in item.tokens:
+            previous = bound.get(token.value)
+            if previous is None:
+                bound[token.value] = key
+                token_rows.append(
+                    (token.value, item.source, key, item.received_at, token.expires_at)
+                )
+            elif previous != key:
+                # The writer rolls this call back and runs the group's webhooks one by one:
+                # only this one is refused.
+                raise InvalidSignature("token already used for another event")
+
     seen: dict[tuple[str, str], float] = {}
     by_source: dict[str, set[str]] = {}
     for item in items:
@@ -145,6 +170,11 @@ def ingest_many(conn: sqlite3.Connection, items: list[Incoming]) -> list[IngestR
         results.append(IngestResult(len(fresh), duplicates, webhook_id, queued, outcomes, dead))
     _insert(
         conn,
+        "INSERT INTO tokens (token, source, key, seen_at, expires_at) VALUES {}",
+        token_rows,
+    )
+    _insert(
+        conn,
         "INSERT INTO dedupe (source, key, seen_at) VALUES {} "
         "ON CONFLICT (source, key) DO UPDATE SET seen_at = excluded.seen_at",
         dedupe_rows,
@@ -167,6 +197,19 @@ def ingest_many(conn: sqlite3.Connection, items: list[Incoming]) -> list[IngestR
         outbox_rows,
     )
     return results
+
+
+def _bound_tokens(conn: sqlite3.Connection, items: list[Incoming]) -> dict[str, str]:
+    """token -> the event key it was first bound to, for the tokens of the group."""
+    tokens = list({t.value for item in items for _, t in item.tokens})
+    bound: dict[str, str] = {}
+    for start in range(0, len(tokens), 500):
+        chunk = tokens[start : start + 500]
+        for token, key in conn.execute(
+            f"SELECT token, key FROM tokens WHERE token IN ({_in(chunk)})", chunk
+        ):
+            bound[token] = key
+    return bound
 
 
 _MAX_VARIABLES = 30_000  # SQLite allows 32,766 bound parameters in one statement
@@ -317,6 +360,12 @@ def prune(
     removed = conn.execute(
         "DELETE FROM dedupe WHERE (source, key) IN "
         "(SELECT source, key FROM dedupe WHERE seen_at < ? LIMIT ?)",
+        (now - dedupe_window, step),
+    ).rowcount
+    # A token goes a dedupe window after its signature expired: a webhook verified just
+    # before that moment may still be on its way into the store.
+    removed += conn.execute(
+        "DELETE FROM tokens WHERE token IN (SELECT token FROM tokens WHERE expires_at < ? LIMIT ?)",
         (now - dedupe_window, step),
     ).rowcount
     cutoff = now - retention

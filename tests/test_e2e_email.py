@@ -358,6 +358,42 @@ def test_mailgun_signature_lifted_onto_another_event_is_refused(email: Email) ->
     assert [t["name"] for t in settled(email.sandbox, 1)] == ["email_delivered"]
 
 
+def test_mailgun_token_ledger_survives_a_restart(email: Email) -> None:
+    """The ledger is in the database: a restarted relay still knows which event a token
+    vouched for."""
+    body, headers = mailgun_post(mailgun_event("delivered"))
+    assert email.relay.post("mailgun", body, headers).json()["accepted"] == 1
+    email.relay.restart()
+    forged = json.loads(body)
+    forged["event-data"] = mailgun_event("clicked")
+    refused(email.relay.post("mailgun", json.dumps(forged).encode(), headers))
+    retry = email.relay.post("mailgun", body, headers)  # Mailgun's own retry, after the restart
+    assert retry.json() == {"ok": True, "accepted": 0, "duplicates": 1}
+    assert email.rows()["webhooks"] == 1
+    assert [t["name"] for t in settled(email.sandbox, 1)] == ["email_delivered"]
+
+
+def test_mailgun_signature_lifted_onto_another_source_with_the_same_key_is_refused(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    sources = "".join(
+        f"""
+[sources.{name}]
+provider = "mailgun"
+secret = "{MAILGUN_KEY}"
+mapping = "{MAPPINGS / "mailgun.toml"}"
+"""
+        for name in ("mailgun-eu", "mailgun-us")
+    )
+    relay = relay_factory(sandbox, sources=sources)
+    body, headers = mailgun_post(mailgun_event("delivered"))
+    assert relay.post("mailgun-eu", body, headers).json()["accepted"] == 1
+    forged = json.loads(body)
+    forged["event-data"] = mailgun_event("clicked")
+    refused(relay.post("mailgun-us", json.dumps(forged).encode(), headers))
+    assert relay.rows()["webhooks"] == 1
+
+
 # -- Rejections ----------------------------------------------------------------------------
 
 

@@ -290,3 +290,46 @@ def test_the_workers_option_overrides_the_config_and_is_checked(tmp_path: Path) 
         timeout=60,
     )
     assert done.returncode == 2 and "--workers" in done.stderr
+
+
+def test_a_mailgun_token_seen_by_one_worker_is_refused_by_the_other(
+    sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
+) -> None:
+    """The token ledger is in the shared database: a signature block lifted onto a forged event
+    is refused whichever worker the forgery reaches."""
+    import json
+
+    from tests.conftest import MAPPINGS, refused, relay_toml
+    from tests.test_e2e_email import MAILGUN_KEY, mailgun_event, mailgun_post
+
+    relay = relay_process(sandbox, relay=TWO)
+    sources = f"""
+[sources.mailgun]
+provider = "mailgun"
+secret = "{MAILGUN_KEY}"
+mapping = "{MAPPINGS / "mailgun.toml"}"
+"""
+    database = relay.config.parent / "relay.db"
+    relay.config.write_text(relay_toml(sandbox.base_url, database, sources=sources, relay=TWO))
+    relay.start()
+    assert relay.proc is not None
+    assert len(workers_of(relay.proc.pid)) == 2
+
+    def post(body: bytes, headers: dict[str, str]) -> httpx.Response:
+        with httpx.Client(timeout=10) as client:  # a connection of its own: any worker
+            return client.post(
+                f"http://127.0.0.1:{relay.port}/webhooks/mailgun",
+                content=body,
+                headers={**headers, "connection": "close"},
+            )
+
+    body, headers = mailgun_post(mailgun_event("delivered"))
+    assert post(body, headers).json() == {"ok": True, "accepted": 1, "duplicates": 0}
+    forged = json.loads(body)
+    # Sixteen tries on fresh connections: the kernel sends some to each worker.
+    for _ in range(16):
+        forged["event-data"] = mailgun_event("clicked")
+        refused(post(json.dumps(forged).encode(), headers))
+        retry = post(body, headers)
+        assert retry.json() == {"ok": True, "accepted": 0, "duplicates": 1}
+    assert relay.signal(signal.SIGTERM) == 0

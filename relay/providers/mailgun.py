@@ -2,8 +2,15 @@
 
 Two shapes arrive. JSON webhooks hold a ``signature`` block and one ``event-data`` object.
 Legacy webhooks are forms (urlencoded or multipart) whose flat fields are the event, with
-``timestamp``, ``token`` and ``signature`` among them. Mailgun signs timestamp and token only,
-never the event: :class:`TokenLedger` says what that means for replays.
+``timestamp``, ``token`` and ``signature`` among them.
+
+Mailgun signs timestamp and token only, never the event, so a signature block lifted from one
+webhook verifies on any body while its timestamp is fresh. A retry by Mailgun resends the same
+token with the same event, and the dedupe layer answers it 200 as a duplicate: a repeated
+token is therefore not refused as such (that would lose retried events). A token that comes
+back vouching for a *different* event is a forgery: each event carries its token
+(:class:`~relay.providers.base.Token`) and the store, which keeps the ledger for every worker
+and across restarts, refuses it there.
 """
 
 from __future__ import annotations
@@ -14,9 +21,7 @@ import email.utils
 import hashlib
 import hmac
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from secrets import token_hex, token_urlsafe
@@ -29,6 +34,7 @@ from relay.providers.base import (
     Provider,
     ProviderEvent,
     Sample,
+    Token,
     WebhookRequest,
     check_age,
     json_body,
@@ -52,39 +58,6 @@ class _Webhook:
     legacy: bool
 
 
-class TokenLedger:
-    """Which event each recently verified token vouched for.
-
-    A Mailgun signature covers timestamp + token, not the event, so a signature block lifted
-    from one webhook verifies on any body while its timestamp is fresh. A retry by Mailgun
-    resends the same token with the same event, and the dedupe layer answers it 200 as a
-    duplicate: a repeated token is therefore not refused as such (refusing it would turn
-    legitimate retries into lost events). A token that comes back vouching for a *different*
-    event is a forgery, and that is refused. The ledger lives in memory: after a restart it is
-    empty, but a token older than the tolerance is refused anyway, so the gap is one window.
-    """
-
-    def __init__(self, limit: int = 200_000):
-        self.limit = limit
-        self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()  # token -> (key, expiry)
-        self._lock = threading.Lock()
-
-    def claim(self, token: str, key: str, expires: float, now: float) -> None:
-        with self._lock:
-            seen = self._seen
-            # Insertion order is close to expiry order; what this misses goes on a later pass.
-            while seen and (len(seen) >= self.limit or next(iter(seen.values()))[1] < now):
-                seen.popitem(last=False)
-            previous = seen.get(token)
-            if previous is None:
-                seen[token] = (key, expires)
-            elif not hmac.compare_digest(previous[0].encode(), key.encode()):
-                raise InvalidSignature("token already used for another event")
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-
 class MailgunProvider(Provider):
     kind = "mailgun"
     sample_types = (
@@ -104,10 +77,11 @@ class MailgunProvider(Provider):
         *,
         config_file: str | None = None,
         secret_key: str = "secret",
+        signed: bool = True,
     ):
         self.secrets = secrets
         self.tolerance = tolerance
-        self.ledger = TokenLedger()
+        self.signed = signed  # verify() checks the signature: tokens are bound to events
         self._config_file = config_file  # where `secret` would be set, for send-test's error
         self._secret_key = secret_key
 
@@ -118,6 +92,7 @@ class MailgunProvider(Provider):
             table.duration("tolerance", "15m"),
             config_file=str(table.file),
             secret_key=table.key("secret"),
+            signed=signed,
         )
 
     def verify(self, request: WebhookRequest) -> None:
@@ -136,16 +111,24 @@ class MailgunProvider(Provider):
         ok = [hmac.compare_digest(e, o) for e in expected for o in offered]
         if not any(ok):
             raise InvalidSignature("no signature matches")
-        ts = check_age(timestamp, request.received_at, self.tolerance)
-        try:
-            key = _event(hook)[0]
-        except InvalidBody:
-            return  # authentic but unusable: parse() refuses it, there is nothing to bind
-        self.ledger.claim(token, key, ts + self.tolerance, request.received_at)
+        check_age(timestamp, request.received_at, self.tolerance)
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
-        key, event_type, data = _event(_decode(request))
-        return [ProviderEvent(key=key, type=event_type, data=data)]
+        hook = _decode(request)
+        key, event_type, data = _event(hook)
+        token = self._token(hook) if self.signed else None
+        return [ProviderEvent(key=key, type=event_type, data=data, token=token)]
+
+    def _token(self, hook: _Webhook) -> Token | None:
+        """The verified token, bound to the event by the store until it is too old anyway."""
+        sig = hook.signature or {}
+        timestamp, token = _text(sig.get("timestamp")), _text(sig.get("token"))
+        if timestamp is None or token is None:
+            return None
+        try:
+            return Token(token, float(timestamp) + self.tolerance)
+        except ValueError:
+            return None
 
     def sample(self, event_type: str | None, url: str, now: float) -> Sample:
         if not self.secrets:
