@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 from relay.errors import ConfigError
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 REDACTED = "**********"
 DEFAULT_CONFIG = "relay.toml"
 
+INT64_MAX = 2**63 - 1
+_HEADER_TOKEN_RE = re.compile(r"[!-~]+")  # printable ASCII, no space: a whole header value part
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -234,6 +237,11 @@ class ConfigTable:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)  # from an environment variable
         value = self._typed(name, value, int, "an integer")
+        # TOML and int() take any size; the database and the track API take 64 bits.
+        if max is None and value > INT64_MAX:
+            max = INT64_MAX
+        if min is None and value < -INT64_MAX - 1:
+            min = -INT64_MAX - 1
         if (min is not None and value < min) or (max is not None and value > max):
             lo = "" if min is None else f"{min}"
             hi = "" if max is None else f"{max}"
@@ -269,13 +277,20 @@ class ConfigTable:
             self.fail(name, "must be a positive duration")
         return seconds
 
-    def secret(self, name: str, default: Any = ...) -> Any:
+    def secret(self, name: str, default: Any = ..., *, header: bool = False) -> Any:
+        """`header`: the secret is sent in an HTTP header, so it must be one printable token."""
         value = self._raw(name, default, default is ...)
         if name not in self.data:
             return value
         value = self._typed(name, value, str, "a string")
         if not value:
             self.fail(name, "is empty")
+        if header and not _HEADER_TOKEN_RE.fullmatch(value):
+            self.fail(
+                name,
+                "must be printable ASCII without spaces or line breaks (it is sent in an HTTP "
+                "header)",
+            )
         return Secret(value)
 
     def secrets(self, name: str, default: Any = ...) -> Any:
@@ -405,6 +420,77 @@ class Config:
         return list(seen.values())
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def database_problem(path: Path) -> str | None:
+    """Why the relay could not open or create its SQLite file at `path`, or None.
+
+    Checked at load, so that `relay check` sees what `relay serve` would trip on. The CLI
+    opens the file too before serving (see relay.cli.common.open_database).
+    """
+    if path.is_dir():
+        return f"{path} is a directory, not a database file"
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                head = f.read(100)
+        except OSError as e:
+            return f"cannot read {path}: {e.strerror}"
+        if head and not _sqlite_header(head):  # an empty file is a new database
+            return f"{path} is not a SQLite database"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"{path.parent} is not writable (SQLite keeps its log beside the database)"
+        return None
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"cannot create {path}: {folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create {path}: {folder} is not writable"
+    return None
+
+
+def _sqlite_header(head: bytes) -> bool:
+    """Whether the first 100 bytes of a file are a SQLite header, as SQLite checks them on open
+    (read here, without opening: opening leaves files behind and takes locks)."""
+    if len(head) < 100 or not head.startswith(SQLITE_HEADER):
+        return False
+    page_size = int.from_bytes(head[16:18], "big")
+    return (
+        (page_size == 1 or (512 <= page_size <= 32768 and page_size & (page_size - 1) == 0))
+        and head[18] in (1, 2)
+        and head[19] in (1, 2)
+        and head[21:24] == b"\x40\x20\x20"
+    )
+
+
+def _url_problem(url: str) -> str | None:
+    """Why requests to `url` would fail every time, or None."""
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "must not hold spaces, line breaks or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as e:
+        return f"is not a valid URL: {e}"
+    if not parts.hostname:
+        return "must name a host"
+    return None
+
+
+def config_error(config: Config, key: str, reason: str) -> ConfigError:
+    """A ConfigError about a loaded config's key, with the key's line when the file says it."""
+    try:
+        text: str | None = config.path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = None
+    return ConfigError(config.path, key, reason, line=_line_of(text, key))
+
+
 def config_path(path: str | Path | None) -> Path:
     return Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
 
@@ -449,6 +535,9 @@ def parse_config(
         workers=r.integer("workers", 1, min=1, max=64),
     )
     r.finish()
+    problem = database_problem(relay.database)
+    if problem:
+        r.fail("database", problem)
     if relay.retention < relay.dedupe_window:
         r.fail(
             "retention", "must be at least dedupe_window, or retried events could be counted twice"
@@ -458,9 +547,12 @@ def parse_config(
     base_url = t.string("base_url").rstrip("/")
     if not base_url.startswith(("http://", "https://")):
         t.fail("base_url", f"must be an http:// or https:// URL, not {base_url!r}")
+    problem = _url_problem(base_url)
+    if problem:
+        t.fail("base_url", problem)
     track = TrackSettings(
         base_url=base_url,
-        api_key=t.secret("api_key"),
+        api_key=t.secret("api_key", header=True),
         website_id=t.integer("website_id", min=1),
         batch_size=t.integer("batch_size", 25, min=1, max=25),
         flush_interval=t.duration("flush_interval", "5s"),
@@ -487,7 +579,7 @@ def parse_config(
             table.fail("mapping", f"mapping file {mapping} not found")
         destination = Destination(
             base_url=track.base_url,
-            api_key=table.secret("api_key", track.api_key),
+            api_key=table.secret("api_key", track.api_key, header=True),
             website_id=table.integer("website_id", track.website_id, min=1),
         )
         table.finish()

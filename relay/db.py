@@ -128,6 +128,16 @@ BatchJob = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 def connect(
     path: Path, *, readonly: bool = False, checkpointer: bool = False
 ) -> sqlite3.Connection:
+    """A connection to the relay's file. Raises StoreError naming the file when it cannot be
+    opened (a directory, not a database, no permission, a read-only disk)."""
+    try:
+        return _connect(path, readonly, checkpointer)
+    except (sqlite3.Error, OSError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise StoreError(f"cannot open the database {path}: {reason}") from None
+
+
+def _connect(path: Path, readonly: bool, checkpointer: bool) -> sqlite3.Connection:
     if readonly:
         conn = sqlite3.connect(
             f"file:{path}?mode=ro",
@@ -139,17 +149,22 @@ def connect(
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
-    conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA busy_timeout = 10000")
-    if checkpointer:
-        conn.execute("PRAGMA synchronous = FULL")
-        return conn
-    if not readonly:
-        db = sqlite_utils.Database(conn)
-        db.enable_wal()
-        # FULL: a commit is on disk before any webhook of it is answered, also across power loss.
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if checkpointer:
+            conn.execute("PRAGMA synchronous = FULL")
+            return conn
+        if not readonly:
+            db = sqlite_utils.Database(conn)
+            db.enable_wal()
+            # FULL: a commit is on disk before any webhook of it is answered, also across power
+            # loss.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = OFF")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 

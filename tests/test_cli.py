@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,5 +239,19 @@ def test_a_damaged_database_is_one_line_too(tmp_path: Path) -> None:
     (tmp_path / "relay.db").write_bytes(b"this is not a database" * 100)
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
     assert result.exit_code == 1
-    assert result.stderr.startswith("relay: database error: ")
-    assert result.stderr.count("\n") == 1
+    assert result.stderr == (
+        f"relay: {config}:2: relay.database: {tmp_path / 'relay.db'} is not a SQLite database\n"
+    )
+    # A database whose first page is garbage past a sound header: SQLite says so on opening.
+    good = tmp_path / "good.db"
+    conn = sqlite3.connect(good)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    (tmp_path / "relay.db").write_bytes(good.read_bytes()[:100] + b"\xff" * 8000)
+    for args in (["status"], ["dead-letters", "list"]):
+        result = CliRunner().invoke(main, [*args, "--config", str(config)])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(
+            f"relay: cannot open the database {tmp_path / 'relay.db'}: "
+        )
+        assert result.stderr.count("\n") == 1

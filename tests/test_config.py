@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -222,3 +223,237 @@ def test_relative_paths_are_relative_to_the_config_file(
     assert config.relay.database == folder / "relay.db"
     assert config.sources["stripe"].mapping == folder / "mappings" / "stripe.toml"
     assert config.path == path
+
+
+# -- what `relay check` passed and `relay serve` then tripped on -----------------------------
+
+SOURCE_KEYS = 'mapping = "mappings/stripe.toml"'
+
+# (case, change to BASE, key named, reason fragment)
+UNUSABLE = [
+    (
+        "website_id past 64 bits",
+        ("website_id = 1", "website_id = 99999999999999999999"),
+        "track.website_id",
+        "must be between 1 and 9223372036854775807, not 99999999999999999999",
+    ),
+    (
+        "a source's website_id past 64 bits",
+        (SOURCE_KEYS, SOURCE_KEYS + "\nwebsite_id = 9223372036854775808"),
+        "sources.stripe.website_id",
+        "must be between 1 and 9223372036854775807",
+    ),
+    (
+        "max_body_bytes past 64 bits",
+        ('dedupe_window = "48h"', 'dedupe_window = "48h"\nmax_body_bytes = 18446744073709551616'),
+        "relay.max_body_bytes",
+        "must be between 1024 and 9223372036854775807",
+    ),
+    (
+        "api_key with a line break",
+        (f'api_key = "{API_KEY}"', f'api_key = "{API_KEY}\\n"'),
+        "track.api_key",
+        "must be printable ASCII without spaces or line breaks (it is sent in an HTTP header)",
+    ),
+    (
+        "api_key not ASCII",
+        (f'api_key = "{API_KEY}"', f'api_key = "{API_KEY}é"'),
+        "track.api_key",
+        "must be printable ASCII",
+    ),
+    (
+        "api_key with a space",
+        (f'api_key = "{API_KEY}"', f'api_key = "Bearer {API_KEY}"'),
+        "track.api_key",
+        "must be printable ASCII",
+    ),
+    (
+        "a source's api_key with a tab",
+        (SOURCE_KEYS, SOURCE_KEYS + f'\napi_key = "{API_KEY}\\t"'),
+        "sources.stripe.api_key",
+        "must be printable ASCII",
+    ),
+    (
+        "base_url with a space",
+        ('base_url = "http://127.0.0.1:9/api/v1"', 'base_url = "http://127.0.0.1:9/api v1"'),
+        "track.base_url",
+        "must not hold spaces, line breaks or control characters",
+    ),
+    (
+        "base_url without a host",
+        ('base_url = "http://127.0.0.1:9/api/v1"', 'base_url = "http:///api/v1"'),
+        "track.base_url",
+        "must name a host",
+    ),
+    (
+        "base_url with a bad port",
+        ('base_url = "http://127.0.0.1:9/api/v1"', 'base_url = "http://127.0.0.1:99999/api"'),
+        "track.base_url",
+        "is not a valid URL",
+    ),
+]
+
+
+def one_line(result: Any, path: Path, key: str) -> str:
+    """The one stderr line of a refused command, checked for file, key, exit 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"relay: {path}:"), lines[0]
+    assert f": {key}: " in lines[0], lines[0]
+    line: str = lines[0]
+    return line
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+@pytest.mark.parametrize(
+    ("change", "key", "reason"), [m[1:] for m in UNUSABLE], ids=[m[0] for m in UNUSABLE]
+)
+def test_values_the_relay_cannot_use_are_refused_at_load(
+    folder: Path, command: str, change: tuple[str, str], key: str, reason: str
+) -> None:
+    assert change[0] in BASE
+    path = write(folder, BASE.replace(change[0], change[1]))
+    result = CliRunner().invoke(main, [command, "--config", str(path)])
+    line = one_line(result, path, key)
+    assert reason in line, line
+    assert API_KEY not in line
+    assert not (folder / "relay.db").exists()
+
+
+def database_at(folder: Path, setting: str) -> Path:
+    return write(folder, BASE.replace('database = "relay.db"', f'database = "{setting}"'))
+
+
+def not_sqlite(folder: Path) -> str:
+    (folder / "notes.txt").write_text("not a database\n")
+    return "notes.txt"
+
+
+def short_file(folder: Path) -> str:
+    (folder / "tiny.db").write_bytes(b"SQLite")  # shorter than the header
+    return "tiny.db"
+
+
+def bad_page_size(folder: Path) -> str:
+    (folder / "odd.db").write_bytes(b"SQLite format 3\x00" + b"\xff" * 200)
+    return "odd.db"
+
+
+def directory(folder: Path) -> str:
+    (folder / "data").mkdir()
+    return "data"
+
+
+def under_a_file(folder: Path) -> str:
+    (folder / "data").write_text("a file where a directory should be\n")
+    return "data/relay.db"
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (directory, "data is a directory, not a database file"),
+        (not_sqlite, "notes.txt is not a SQLite database"),
+        (short_file, "tiny.db is not a SQLite database"),
+        (bad_page_size, "odd.db is not a SQLite database"),
+        (under_a_file, "cannot create {folder}/data/relay.db: {folder}/data is not a directory"),
+    ],
+    ids=["directory", "not SQLite", "short file", "bad header", "under a file"],
+)
+def test_a_database_path_the_relay_cannot_open_is_one_line(
+    folder: Path, command: str, make: Any, reason: str
+) -> None:
+    path = database_at(folder, make(folder))
+    before = sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(main, [command, "--config", str(path)])
+    line = one_line(result, path, "relay.database")
+    assert reason.format(folder=folder) in line, line
+    assert line.startswith(f"relay: {path}:2: ")  # the line of `database =`
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing created
+
+
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_database_without_permission_is_one_line(
+    folder: Path, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() == 0:  # root may write anything: answer from the mode bits, as for a user
+        real = os.access
+
+        def access(path: Any, mode: int) -> bool:
+            denied = mode & os.W_OK and not os.stat(path).st_mode & 0o200
+            return real(path, mode) and not denied
+
+        monkeypatch.setattr(os, "access", access)
+    (folder / "locked").mkdir()
+    (folder / "locked").chmod(0o500)
+    (folder / "relay.db").write_bytes(b"")
+    (folder / "relay.db").chmod(0o400)
+    try:
+        for setting, reason in (
+            ("locked/relay.db", "locked is not writable"),
+            ("relay.db", "relay.db is not writable"),
+        ):
+            path = database_at(folder, setting)
+            result = CliRunner().invoke(main, [command, "--config", str(path)])
+            assert reason in one_line(result, path, "relay.database")
+    finally:
+        (folder / "locked").chmod(0o700)
+
+
+def test_serve_opens_the_database_before_it_starts(folder: Path) -> None:
+    """What only opening tells: a schema newer than this relay, a file SQLite cannot create."""
+    import sqlite3
+
+    newer = folder / "newer.db"
+    conn = sqlite3.connect(newer)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    (folder / "garbage.db").write_bytes(newer.read_bytes()[:100] + b"\xff" * 8000)
+    for setting, reason in (
+        ("newer.db", "the database has schema version 99, newer than this relay knows"),
+        ("garbage.db", f"cannot open the database {folder / 'garbage.db'}: "),
+        ("/proc/relay.db", "cannot open the database /proc/relay.db: "),
+    ):
+        path = database_at(folder, setting)
+        line = serve_refused(path, "relay.database")
+        assert reason in line, line
+
+
+def serve_refused(path: Path, key: str) -> str:
+    """`relay serve` as a process of its own (it sets up logging on the real stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "relay", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"relay: {path}:2: {key}: "), line
+    return line
+
+
+def test_a_real_serve_process_names_the_database_in_one_line(folder: Path) -> None:
+    path = database_at(folder, directory(folder))
+    line = serve_refused(path, "relay.database")
+    assert line.endswith(f": {folder / 'data'} is a directory, not a database file")
+
+
+@pytest.mark.parametrize("setting", ["empty.db", "new/dirs/relay.db", "used.db"])
+def test_a_database_the_relay_can_use_passes_check(folder: Path, setting: str) -> None:
+    import sqlite3
+
+    (folder / "empty.db").write_bytes(b"")
+    sqlite3.connect(folder / "used.db").execute("CREATE TABLE t (x)").connection.close()
+    path = database_at(folder, setting)
+    before = sorted(p.name for p in folder.iterdir())
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in folder.iterdir()) == before  # check creates nothing
+    assert load_config(path).relay.database == folder / setting

@@ -68,6 +68,22 @@ def load(config_file: str | None, *, dev_fallback: bool = False) -> Config:
     return load_config(config_file)
 
 
+def open_database(config: Config) -> None:
+    """Open (or create) the database and bring its schema up to date, before serving: a file
+    the relay cannot use is one line naming file, key and reason, not a failed start-up."""
+    from relay.config import config_error
+    from relay.db import connect, migrate
+
+    try:
+        conn = connect(config.relay.database)
+        try:
+            migrate(conn)
+        finally:
+            conn.close()
+    except StoreError as e:
+        raise config_error(config, "relay.database", str(e)) from None
+
+
 def reader(config: Config) -> sqlite3.Connection:
     """A read connection to the relay's database; a read command never creates one."""
     from relay.store import Store

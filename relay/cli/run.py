@@ -11,6 +11,7 @@ from relay.cli.common import (
     config_option,
     fail,
     load,
+    open_database,
     setup_logs,
     source_named,
     with_log_options,
@@ -121,7 +122,7 @@ def serve(
     from relay.ingest import load_mappings
     from relay.server import serve as run_server
 
-    # Config and mappings first: a mistake in them is one line on stderr, exit 1.
+    # Config, mappings and database first: a mistake in them is one line on stderr, exit 1.
     config = load(config_file)
     load_mappings(config)
     if workers is not None:
@@ -129,6 +130,7 @@ def serve(
             config, relay=dataclasses.replace(config.relay, workers=workers)
         )
     setup_logs(log_format, log_level)
+    open_database(config)
     host, port = host or config.relay.host, port or config.relay.port
     if not run_server(config, host, port, log_format=log_format, log_level=log_level):
         if config.relay.workers > 1:
