@@ -483,11 +483,18 @@ def _url_problem(url: str) -> str | None:
 
 
 def config_error(config: Config, key: str, reason: str) -> ConfigError:
-    """A ConfigError about a loaded config's key, with the key's line when the file says it."""
+    """A ConfigError about a loaded config's key (found out later than loading), with the key's
+    line, and a value from ``${NAME}`` named as at load."""
     try:
         text: str | None = config.path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = None
+        doc: Any = tomllib.loads(text or "")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        text, doc = None, {}
+    *parents, leaf = key.split(".")
+    for part in parents:
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    table = ConfigTable(doc if isinstance(doc, dict) else {}, config.path, ".".join(parents))
+    reason = table._hide_variables(leaf, reason)
     return ConfigError(config.path, key, reason, line=_line_of(text, key))
 
 

@@ -421,15 +421,21 @@ def test_serve_opens_the_database_before_it_starts(folder: Path) -> None:
         path = database_at(folder, setting)
         line = serve_refused(path, "relay.database")
         assert reason in line, line
+    # Found out after loading, a value from the environment is still named, not shown.
+    path = database_at(folder, "${RELAY_TEST_DB}")
+    line = serve_refused(path, "relay.database", {"RELAY_TEST_DB": str(folder / "garbage.db")})
+    assert ": relay.database: cannot open the database ${RELAY_TEST_DB}: " in line, line
+    assert "garbage.db" not in line
 
 
-def serve_refused(path: Path, key: str) -> str:
+def serve_refused(path: Path, key: str, env: dict[str, str] | None = None) -> str:
     """`relay serve` as a process of its own (it sets up logging on the real stderr)."""
     proc = subprocess.run(
         [sys.executable, "-m", "relay", "serve", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
+        env={**os.environ, **(env or {})},
     )
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout == ""
