@@ -364,6 +364,8 @@ class RelaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    max_header_bytes: int = 65536
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -540,6 +542,8 @@ def parse_config(
         host=r.string("host", "127.0.0.1"),
         port=r.integer("port", 8000, min=1, max=65535),
         workers=r.integer("workers", 1, min=1, max=64),
+        max_header_bytes=r.integer("max_header_bytes", 65536, min=1024, max=16_777_216),
+        body_timeout=r.duration("body_timeout", "30s"),
     )
     r.finish()
     problem = database_problem(relay.database)

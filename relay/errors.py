@@ -7,6 +7,7 @@
     │   ├── InvalidBody(reason)            400 invalid_body
     │   ├── UnknownSource                  404 unknown_source
     │   ├── PayloadTooLarge                413 payload_too_large
+    │   ├── RequestTimeout                 408 request_timeout (the body came too slowly)
     │   └── Unavailable(reason)            503 unavailable (the sender should retry)
     ├── MappingError(reason)               a template failed on one event
     └── StoreError                         the database could not do what was asked
@@ -72,6 +73,11 @@ class UnknownSource(WebhookError):
 class PayloadTooLarge(WebhookError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(WebhookError):
+    status = 408
+    code = "request_timeout"
 
 
 class Unavailable(WebhookError):

@@ -36,11 +36,29 @@ def load_mappings(config: Config) -> dict[str, Mapping]:
     return out
 
 
+MAX_STORED_HEADERS = 64
+MAX_STORED_HEADER_BYTES = 16384  # names and values
+
+
 def safe_headers(source: Source, headers: MappingABC[str, str]) -> dict[str, str]:
+    """The headers stored with a webhook and shown to its mapping: no credentials, and a bounded
+    set. Content-Type (how to read the body) and the headers that the relay and the provider
+    read (see Headers: signature, timestamp, id) are always kept; the others in the order they
+    came while they fit in MAX_STORED_HEADERS headers and MAX_STORED_HEADER_BYTES in all. One
+    that does not fit is dropped; a smaller one after it may still fit."""
     hidden = set(CREDENTIAL_HEADERS)
     if isinstance(source.verifier, SharedToken) and source.verifier.header:
         hidden.add(source.verifier.header)
-    return {k: v for k, v in headers.items() if k not in hidden}
+    read: set[str] = getattr(headers, "read", set())
+    kept = {k for k in read | {"content-type"} if k in headers and k not in hidden}
+    room = MAX_STORED_HEADER_BYTES - sum(len(k) + len(headers[k]) for k in kept)
+    for k, v in headers.items():
+        if len(kept) >= MAX_STORED_HEADERS:
+            break
+        if k not in hidden and k not in kept and len(k) + len(v) <= room:
+            kept.add(k)
+            room -= len(k) + len(v)
+    return {k: v for k, v in headers.items() if k in kept}
 
 
 def outputs_of(source: Source, result: MapResult) -> tuple[str, list[Output], int]:

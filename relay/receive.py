@@ -8,13 +8,21 @@ stores nothing and never gets a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from relay.errors import PayloadTooLarge, Unavailable, UnknownSource, WebhookError
-from relay.providers.base import WebhookRequest
+from relay.config import format_duration
+from relay.errors import (
+    PayloadTooLarge,
+    RequestTimeout,
+    Unavailable,
+    UnknownSource,
+    WebhookError,
+)
+from relay.providers.base import Headers, WebhookRequest
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
@@ -30,24 +38,31 @@ class ClientGone(Exception):
     """The sender hung up before its body arrived."""
 
 
-async def read_body(receive: Receive, declared: int | None, limit: int) -> bytes:
-    """The whole body, refusing more than `limit` bytes before reading them all."""
+async def read_body(receive: Receive, declared: int | None, limit: int, timeout: float) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading them all, and a body
+    that takes more than `timeout` seconds in all to arrive (however steadily it trickles)."""
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"body over {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body over {limit} bytes")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"body over {limit} bytes")
+                    chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"body not received within {format_duration(timeout)} ({size} bytes arrived)"
+        ) from None
 
 
 def request_url(scope: Scope, headers: dict[str, str]) -> str:
@@ -90,10 +105,13 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
         source = rt.pipeline.source(name) if "/" not in name else None
         if source is None:
             raise UnknownSource(f"no source named {name!r}")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = Headers(
+            (k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"]
+        )
         length = headers.get("content-length")
         declared = int(length) if length is not None and length.isdigit() else None
-        body = await read_body(receive, declared, rt.config.relay.max_body_bytes)
+        relay = rt.config.relay
+        body = await read_body(receive, declared, relay.max_body_bytes, relay.body_timeout)
         size = len(body)
         request = WebhookRequest(
             scope["method"], request_url(scope, headers), headers, body, received_at
@@ -114,7 +132,11 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
             size,
             (time.perf_counter() - started) * 1000,
         )
-        extra = ((b"retry-after", b"5"),) if e.status == 503 else ()
+        extra: tuple[tuple[bytes, bytes], ...] = ()
+        if e.status == 503:
+            extra = ((b"retry-after", b"5"),)
+        elif e.status == 408:  # the rest of the body may still trickle in: not on this connection
+            extra = ((b"connection", b"close"),)
         body = json.dumps({"ok": False, "error": e.code, "message": e.reason}).encode()
         await _answer(send, e.status, body, extra)
         return

@@ -22,6 +22,22 @@ from relay.errors import InvalidBody
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 
+class Headers(dict[str, str]):
+    """A request's headers, names lower-cased, that remember which ones were looked up: those
+    the relay and the provider read (signature, timestamp, id, content type) are always among
+    the headers stored with the webhook, which keeps only a bounded set of the others."""
+
+    __slots__ = ("read",)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: set[str] = set()
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.read.add(name)
+        return super().get(name, default)
+
+
 @dataclass(frozen=True)
 class WebhookRequest:
     """One received webhook, before anything decoded it."""
