@@ -147,7 +147,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # Closing with the sender's bytes unread would reset the connection, and a sender still
         # writing its request would never read the answer: close once it stops (eof_received),
         # or LINGER seconds from now.
-        self.transport.write_eof()
+        if self.transport.can_write_eof():  # TLS cannot half-close
+            self.transport.write_eof()
         self.flow.resume_reading()
         self._timer = self.loop.call_later(LINGER, self.transport.close)
 
