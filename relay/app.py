@@ -28,6 +28,8 @@ from relay.store import Store
 log = logging.getLogger("relay.webhook")
 applog = logging.getLogger("relay")
 
+READY_WAIT = 0.5  # /readyz: how long its write may wait for the lock before it says 503
+
 
 class Runtime:
     """Everything one running gateway holds."""
@@ -123,10 +125,17 @@ async def readyz(request: Request) -> Response:
     if rt.store is None or (forwards and rt.forwarder is None):
         problems.append("starting")
     else:
-        try:
-            await rt.store.writer.run(status_mod.touch)
-        except StoreError as e:
-            problems.append(f"store not writable: {e}")
+        # Could a webhook be stored now? Enough disk for one, then a real write that waits
+        # for the lock as a webhook would, but only briefly (another process holding the
+        # write lock makes webhooks wait, then fail).
+        problem = status_mod.disk_problem(rt.config.relay.database, rt.config.relay.max_body_bytes)
+        if problem is None:
+            try:
+                await rt.store.writer.run_batched(status_mod.touch_all, None, READY_WAIT)
+            except StoreError as e:
+                problem = str(e)
+        if problem is not None:
+            problems.append(f"store not writable: {problem}")
         if rt.forwarder is not None:
             if not rt.forwarder.running and not rt.draining:
                 problems.append("forwarder not running")

@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import contextlib
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -120,6 +121,9 @@ class _Item:
     loop: asyncio.AbstractEventLoop | None = None
     batch: BatchJob | None = None  # jobs of the same batch function run as one call
     arg: Any = None
+    # A batch item not yet written by then fails: the lock was not free for `timeout` s.
+    deadline: float = math.inf
+    timeout: float = math.inf
 
 
 BatchJob = Callable[[sqlite3.Connection, list[Any]], list[Any]]
@@ -205,7 +209,9 @@ class Writer:
 
     One transaction is open at a time, the loop's or the thread's. Another process that writes
     (a second worker, the CLI) makes BEGIN busy: the loop tries again a millisecond later, the
-    thread waits as SQLite's busy timeout would.
+    thread waits as SQLite's busy timeout would. Each webhook waits at most `busy_timeout` from
+    the moment it arrived, whatever it waits behind (the other process's lock, or a thread
+    transaction that itself waits for that lock); then it fails, and its sender retries.
     """
 
     def __init__(
@@ -244,7 +250,10 @@ class Writer:
         self._pending: list[_Item] = []
         self._pending_loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
-        self._busy_since: float | None = None  # since when BEGIN finds another writer
+        self._pending_deadline = math.inf  # the earliest deadline of _pending (or earlier)
+        self._expiry: asyncio.TimerHandle | None = None  # fails _pending items on time
+        self._expiry_loop: asyncio.AbstractEventLoop | None = None
+        self._expiry_at = math.inf
         self._checkpointer = Checkpointer(path)
         self._thread = threading.Thread(target=self._run, name="relay-writer", daemon=True)
         self._thread.start()
@@ -282,12 +291,17 @@ class Writer:
 
     # -- batch items written on the event loop
 
-    async def run_batched(self, batch: BatchJob, arg: Any) -> Any:
+    async def run_batched(self, batch: BatchJob, arg: Any, timeout: float | None = None) -> Any:
         """Await one item of a batch job: every item of a group goes to one `batch` call,
-        which returns one result per item (far cheaper than a job per item)."""
+        which returns one result per item (far cheaper than a job per item).
+
+        The item fails with StoreError if its group cannot begin within `timeout` seconds
+        (`busy_timeout` by default) because the write lock is not free."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        item = _Item(lambda conn: batch(conn, [arg])[0], fut, loop, batch, arg)
+        timeout = self.busy_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        item = _Item(lambda conn: batch(conn, [arg])[0], fut, loop, batch, arg, deadline, timeout)
         if self._closed:
             raise StoreError("the store is closed")
         if self._pending_loop is not None and self._pending_loop is not loop:
@@ -295,6 +309,7 @@ class Writer:
             return await fut
         self._pending_loop = loop
         self._pending.append(item)
+        self._pending_deadline = min(self._pending_deadline, deadline)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -306,36 +321,43 @@ class Writer:
         self._flush_scheduled = False
         loop = self._pending_loop
         if not self._pending or loop is None:
+            with self._cv:
+                if not self._loop_txn:
+                    self._pending_loop = None  # every item was written or failed
             return
         if self._closed:
             self._fail_pending(StoreError("the store is closed"))
             return
         with self._cv:
-            if self._loop_txn or self._thread_txn:
+            blocked = self._loop_txn or self._thread_txn
+            if blocked:
                 self._loop_waiting = True
-                return
-            self._loop_txn = True
+            else:
+                self._loop_txn = True
+        if blocked:  # whoever ends that transaction calls this again
+            self._expire(time.monotonic())
+            self._expire_later(loop)
+            return
         try:
             self.conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as e:
             with self._cv:
                 self._loop_txn = False
                 self._cv.notify()
-            now = time.monotonic()
-            if self._busy_since is None:
-                self._busy_since = now
-            if _busy(e) and now - self._busy_since < self.busy_timeout:
-                self._flush_scheduled = True  # another process writes: try again shortly
-                loop.call_later(0.001, self._flush)
+            if _busy(e):  # another process writes: try again shortly, within each deadline
+                self._expire(time.monotonic())
+                if self._pending:
+                    self._flush_scheduled = True
+                    loop.call_later(0.001, self._flush)
                 return
-            self._busy_since = None
             log.error("database write failed: %s", e)
             self.failed_commits += 1
             self._fail_pending(StoreError(f"database write failed: {e}"))
             return
-        self._busy_since = None
         group = self._pending[: self.max_group]
         del self._pending[: self.max_group]
+        if not self._pending:
+            self._pending_deadline = math.inf
         txn = _LoopTxn(loop, group)
         try:
             txn.outcomes = self._execute(group)
@@ -372,8 +394,57 @@ class Writer:
     def _fail_pending(self, error: StoreError) -> None:
         pending, self._pending = self._pending, []
         self._pending_loop = None
+        self._pending_deadline = math.inf
         for item in pending:
             _settle_one(item, False, error)
+
+    def _expire(self, now: float) -> None:
+        """On the event loop: fail the waiting items whose time is up; the lock was not free."""
+        if now < self._pending_deadline:
+            return
+        keep: list[_Item] = []
+        for item in self._pending:
+            if item.deadline > now:
+                keep.append(item)
+                continue
+            _settle_one(
+                item,
+                False,
+                StoreError(
+                    f"database write failed: database is locked (the write lock was not free "
+                    f"for {item.timeout:g} s; another process holds it)"
+                ),
+            )
+        if len(keep) < len(self._pending):
+            log.error(
+                "database is locked: %d write(s) waited their whole time for the lock",
+                len(self._pending) - len(keep),
+            )
+        self._pending = keep
+        self._pending_deadline = min((i.deadline for i in keep), default=math.inf)
+
+    def _expire_later(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While a transaction keeps the loop's items waiting, fail each on its deadline."""
+        if self._pending_deadline == math.inf:
+            return
+        if self._expiry is not None and self._expiry_loop is loop:
+            if self._expiry_at <= self._pending_deadline:
+                return  # due soon enough
+            self._expiry.cancel()  # a shorter wait came in: check on its time
+        self._expiry_at = self._pending_deadline
+        self._expiry_loop = loop
+        delay = max(0.0, self._expiry_at - time.monotonic())
+        self._expiry = loop.call_later(delay, self._expiry_due, loop)
+
+    def _expiry_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._expiry_loop:
+            return  # a timer of a loop that has been replaced since
+        self._expiry = None
+        self._expire(time.monotonic())
+        with self._cv:
+            blocked = self._loop_txn or self._thread_txn
+        if blocked and self._pending:
+            self._expire_later(loop)
 
     # -- the thread
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from relay.config import Source
@@ -20,6 +22,30 @@ def touch(conn: sqlite3.Connection) -> None:
         "INSERT INTO meta (key, value) VALUES ('ready_check', ?) "
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(time.time()),),
+    )
+
+
+def touch_all(conn: sqlite3.Connection, items: list[Any]) -> list[None]:
+    """`touch` as a batch job: readiness writes by the webhooks' own road (Writer.run_batched),
+    so it waits for the same lock and the same transactions as a webhook would."""
+    touch(conn)
+    return [None] * len(items)
+
+
+def disk_problem(database: Path, need: int) -> str | None:
+    """Why a webhook of `need` bytes could not be stored for lack of disk space, if so.
+
+    A small write (the readiness write) may still fit in space SQLite holds already, while
+    the webhooks' rows need more: the free space itself is what tells."""
+    try:
+        free = shutil.disk_usage(database.parent).free
+    except OSError as e:
+        return f"cannot tell the free disk space: {e}"
+    if free >= need:
+        return None
+    return (
+        f"database or disk is full: {free} bytes free for {database}, "
+        f"less than one webhook of max_body_bytes ({need}) needs"
     )
 
 

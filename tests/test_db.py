@@ -239,3 +239,63 @@ def test_the_writer_checkpoints_by_itself(tmp_path: Path) -> None:
             main_file.close()
     finally:
         w.close()
+
+
+def test_a_webhook_waits_at_most_the_busy_timeout_whatever_it_waits_behind(
+    tmp_path: Path, on_loop: bool
+) -> None:
+    """A webhook that arrives while the thread's own transaction waits for another process's
+    lock waits behind it, then for the lock: together never longer than the busy timeout."""
+    w = Writer(tmp_path / "relay.db", busy_timeout=1.0, commit_on_loop=on_loop)
+    w.call(_make_table)
+    other = sqlite3.connect(w.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main() -> tuple[float, Any, Any]:
+        job = asyncio.ensure_future(
+            w.run(lambda conn: conn.execute("INSERT INTO t VALUES ('j', 1)"))
+        )
+        await asyncio.sleep(0.5)  # the thread waits for the lock, with its transaction begun
+        started = time.monotonic()
+        webhook = await asyncio.gather(w.run_batched(insert_many, ("x", 1)), return_exceptions=True)
+        waited = time.monotonic() - started
+        return waited, webhook[0], (await asyncio.gather(job, return_exceptions=True))[0]
+
+    try:
+        waited, webhook, job = asyncio.run(main())
+        assert isinstance(webhook, StoreError) and "locked" in str(webhook), webhook
+        assert isinstance(job, StoreError) and "locked" in str(job), job
+        assert 0.9 <= waited <= 1.2, waited
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        w.close()
+
+
+def test_a_short_wait_gives_up_sooner_and_the_others_keep_waiting(tmp_path: Path) -> None:
+    """Readiness writes by the webhooks' road with a short timeout: it answers soon, and the
+    webhooks waiting beside it keep their own time and get written once the lock is free."""
+    w = Writer(tmp_path / "relay.db", busy_timeout=5.0)
+    w.call(_make_table)
+    other = sqlite3.connect(w.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+
+    async def main() -> tuple[float, Any, Any]:
+        webhook = asyncio.ensure_future(w.run_batched(insert_many, ("x", 1)))
+        started = time.monotonic()
+        probe = await asyncio.gather(
+            w.run_batched(insert_many, ("probe", 2), 0.3), return_exceptions=True
+        )
+        waited = time.monotonic() - started
+        other.execute("ROLLBACK")
+        return waited, probe[0], await webhook
+
+    try:
+        waited, probe, webhook = asyncio.run(main())
+        assert isinstance(probe, StoreError) and "0.3 s" in str(probe), probe
+        assert 0.25 <= waited <= 0.6, waited
+        assert webhook == 2
+    finally:
+        other.close()
+        w.close()
+    assert rows(w.path) == {"x": 1}

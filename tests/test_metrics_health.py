@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -237,3 +238,54 @@ def test_readyz_lists_paused_destinations(
     }  # fmt: skip
     assert value(scrape(relay), "relay_destination_paused", destination=dest) == 1
     assert API_KEY not in endpoints_text(relay)
+
+
+def test_readyz_is_503_at_once_while_another_process_holds_the_write_lock(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    """Webhooks would wait for the lock and then fail: readiness says so without waiting
+    out the busy timeout (10 s) itself."""
+    relay = relay_factory(sandbox)
+    assert httpx.get(f"{relay.url}/readyz").status_code == 200
+    other = sqlite3.connect(relay.db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # as `relay dead-letters replay` or a stuck process would
+    try:
+        started = time.monotonic()
+        response = httpx.get(f"{relay.url}/readyz", timeout=5)
+        assert time.monotonic() - started < 2
+        assert response.status_code == 503
+        [problem] = response.json()["problems"]
+        assert problem.startswith("store not writable: ") and "locked" in problem, problem
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    ready = httpx.get(f"{relay.url}/readyz")
+    assert (ready.status_code, ready.json()["problems"]) == (200, [])
+
+
+def test_readyz_is_503_when_the_disk_is_too_full_for_a_webhook(
+    small_disk: Path, sandbox: Sandbox, relay_factory: Callable[..., Relay]
+) -> None:
+    """The write-ahead log keeps the space of earlier writes: a tiny readiness write still
+    fits in it on a full disk, while a webhook's rows do not."""
+    relay = relay_factory(sandbox, relay=f'database = "{small_disk / "relay.db"}"')
+
+    def post(size: int) -> httpx.Response:
+        event = stripe_event("charge.refunded")
+        event["data"]["object"]["metadata"]["note"] = "n" * size
+        return relay.post("stripe", *stripe_post(event))
+
+    assert post(300_000).status_code == 200  # the log grows to hold it
+    time.sleep(1.0)  # the checkpointer copies it into the database: the log starts over
+    assert post(10).status_code == 200
+    filler = small_disk / "filler"
+    fill(filler)
+    response = httpx.get(f"{relay.url}/readyz")
+    refused = post(400_000)
+    assert (refused.status_code, refused.json()["error"]) == (503, "unavailable")
+    assert response.status_code == 503, response.text
+    [problem] = response.json()["problems"]
+    assert problem.startswith("store not writable: database or disk is full"), problem
+    filler.unlink()
+    assert httpx.get(f"{relay.url}/readyz").status_code == 200
+    assert post(400_000).status_code == 200
