@@ -1,11 +1,22 @@
-"""What the track API's answers mean for a batch (see the table in relay/forwarder.py)."""
+"""What the track API's answers mean for a batch (see the table in relay/forwarder.py).
+
+Text from an answer (an error code, a 400's body) is passed through the caller's redactor
+before it goes into any outcome, since the API may echo the request's key.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+
+MAX_TEXT = 500  # of an answer's body kept in a dead letter
+
+
+def _same(text: str) -> str:
+    return text
 
 
 @dataclass
@@ -38,9 +49,8 @@ class Retry:
 Outcome = Delivered | Invalid | Pause | RateLimited | Retry
 
 
-def classify(response: httpx.Response) -> Outcome:
+def classify(response: httpx.Response, redact: Callable[[str], str] = _same) -> Outcome:
     status = response.status_code
-    text = response.text[:500]
     if status == 200:
         try:
             data = response.json()
@@ -53,14 +63,15 @@ def classify(response: httpx.Response) -> Outcome:
             ids = []
         return Delivered([i if isinstance(i, int) else None for i in ids])
     if status == 400:
-        return Invalid(text)
+        return Invalid(redact(response.text)[:MAX_TEXT])
+    code = redact(_error_code(response))[:200]
     if status in (401, 402, 403):
-        return Pause(status, f"HTTP {status} {_error_code(response)}", whole_key=True)
+        return Pause(status, f"HTTP {status} {code}", whole_key=True)
     if status == 404:
-        return Pause(status, f"HTTP 404 {_error_code(response)}", whole_key=False)
+        return Pause(status, f"HTTP 404 {code}", whole_key=False)
     if status == 429:
         return RateLimited(_retry_after(response))
-    return Retry(f"HTTP {status} {_error_code(response)}".strip())
+    return Retry(f"HTTP {status} {code}".strip())
 
 
 def _error_code(response: httpx.Response) -> str:

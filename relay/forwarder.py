@@ -33,6 +33,7 @@ from relay.answers import Delivered, Invalid, Outcome, Pause, RateLimited, Retry
 from relay.config import Config, Destination, TrackSettings
 from relay.metrics import Metrics
 from relay.ratelimit import SlidingWindowLimiter
+from relay.redact import Redactor
 from relay.store import Row, Store
 
 log = logging.getLogger("relay.forwarder")
@@ -242,20 +243,25 @@ class Worker:
                 self.url, content=body.encode(), headers=self.headers, timeout=f.settings.timeout
             )
             status = str(response.status_code)
-            return classify(response)
+            return classify(response, f.redact)
         except httpx.TimeoutException:
             status = "timeout"
             return Retry("timeout")
         except httpx.ConnectError as e:
             sent = False
             status = "connect_error"
-            return Retry(f"connection error: {type(e).__name__}")
+            return Retry(f"connection error: {self._describe(e)}")
         except httpx.HTTPError as e:
-            return Retry(f"transport error: {type(e).__name__}")
+            return Retry(f"transport error: {self._describe(e)}")
         finally:
             limiter.release(sent)
             f.metrics.latency.labels(self.name).observe(f.clock() - started)
             f.metrics.batches.labels(self.name, status).inc()
+
+    def _describe(self, e: Exception) -> str:
+        """An exception from the transport, as shown to operators: its text is not ours."""
+        text = self.f.redact(str(e))[:200]
+        return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
     async def _pause(self, outcome: Pause) -> None:
         """Pause the key or this destination; every row in flight goes back to the queue."""
@@ -327,6 +333,7 @@ class Forwarder:
         self.metrics = metrics
         self.clock = clock
         self.wall = wall
+        self.redact = Redactor.of(config)  # for the track API's text, before it is kept
         self.housekeeping_interval = housekeeping_interval
         self.stopping = False
         self.keys: dict[str, KeyState] = {}

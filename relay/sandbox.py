@@ -40,6 +40,7 @@ from relay.errors import ConfigError
 from relay.sandbox_store import (
     Event,
     EventStore,
+    FaultRule,
     Faults,
     InvalidFault,
     QuotaExceeded,
@@ -80,8 +81,18 @@ def error(
         code, default = "server_error", f"Server error ({status})."
     else:
         code, default = "client_error", f"Request refused ({status})."
-    body = {"ok": False, "error": code, **extra, "message": message or default}
+    message = message or extra.pop("message", None) or default
+    body = {"ok": False, "error": code, **extra, "message": message}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _echo(rule: FaultRule, request: Request) -> dict[str, Any]:
+    """With `echo_key`, the error code and message repeat the request's Authorization."""
+    if not rule.echo_key:
+        return {}
+    token = request.headers.get("authorization", "")
+    code = ERRORS.get(rule.status or 500, ("server_error", ""))[0]
+    return {"error": f"{code} ({token})", "message": f"Refused for {token}."}
 
 
 class Invalid(Exception):
@@ -311,10 +322,13 @@ class Sandbox:
                     elif rule.status == 429:
                         retry = rule.retry_after or 1
                         response = error(
-                            429, headers={"Retry-After": str(retry)}, retry_after=retry
+                            429,
+                            headers={"Retry-After": str(retry)},
+                            retry_after=retry,
+                            **_echo(rule, request),
                         )
                     else:
-                        response = error(rule.status or 500)
+                        response = error(rule.status or 500, **_echo(rule, request))
                 else:
                     response = self._accept(key_fp, website_id, body, batch, at)
         except Exception:

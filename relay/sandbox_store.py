@@ -265,6 +265,7 @@ class FaultRule:
     drop: bool = False
     malformed: bool = False
     retry_after: int | None = None
+    echo_key: bool = False  # the error answer repeats the request's API key, as some APIs do
     count: int | None = None
     seed: int | None = None
     applied: int = 0
@@ -287,6 +288,7 @@ class FaultRule:
             "drop": self.drop,
             "malformed": self.malformed,
             "retry_after": self.retry_after,
+            "echo_key": self.echo_key,
             "count": self.count,
             "seed": self.seed,
             "applied": self.applied,
@@ -325,6 +327,7 @@ class Faults:
             "drop": (lambda v: isinstance(v, bool), "must be a boolean"),
             "malformed": (lambda v: isinstance(v, bool), "must be a boolean"),
             "retry_after": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+            "echo_key": (lambda v: isinstance(v, bool), "must be a boolean"),
             "count": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
             "seed": (_is_int, "must be an integer"),
         }
