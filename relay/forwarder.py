@@ -14,6 +14,10 @@ How each answer of the track API is handled:
     429            wait Retry-After (never less), then send the same batch
     5xx, timeout,  back off exponentially with full jitter, capped; then send the same batch
     broken answer
+
+Once an answer is in, its outcome (delivered with the track ids, back to the queue, dead) is
+known in memory: it is written to the store again and again until the write sticks, so a store
+that fails for a while leaves no batch in flight and sends nothing twice.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import httpx
 from relay import store as ops
 from relay.answers import Delivered, Invalid, Outcome, Pause, RateLimited, Retry, classify
 from relay.config import Config, Destination, TrackSettings
+from relay.errors import StoreError
 from relay.metrics import Metrics
 from relay.ratelimit import SlidingWindowLimiter
 from relay.redact import Redactor
@@ -41,6 +46,9 @@ log = logging.getLogger("relay.forwarder")
 PAUSE_FIRST_PROBE = 5.0
 BACKOFF_BASE = 0.5
 IDLE_RECHECK = 1.0  # rows may also arrive from another process (dead-letter replay)
+STORE_RETRY_FIRST = 0.1  # recording an outcome the store refused: first retry, then doubling
+STORE_RETRY_MAX = 2.0
+STORE_ERROR_PAUSE = 1.0  # the store refused a read or a claim: try again after this
 
 
 class Gate:
@@ -80,6 +88,7 @@ class Worker:
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
         self.in_flight: list[Row] = []
+        self.unrecorded: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # see _record
         self.batch_id: int | None = None
         self.url = f"{destination.base_url}/websites/{destination.website_id}/track/batch"
         self.headers = {
@@ -98,7 +107,12 @@ class Worker:
                 await self._step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # a bug or a store fault must not kill the worker for good
+            except StoreError as e:  # nothing was claimed: the queue waits in the store
+                log.warning(
+                    "forwarder %s: %s; trying again in %.0f s", self.name, e, STORE_ERROR_PAUSE
+                )
+                await self._sleep(STORE_ERROR_PAUSE)
+            except Exception:  # a bug must not kill the worker for good
                 log.exception("forwarder %s: unexpected error; retrying in 5 s", self.name)
                 await self._sleep(5.0)
 
@@ -137,10 +151,9 @@ class Worker:
         finally:
             self.key.gate.probing = False
             self.gate.probing = False
-            if self.in_flight:  # stopped or paused mid-way: hand the rest back to the queue
+            if self.in_flight:  # stopped or failed mid-way: hand the rest back to the queue
                 rows, self.in_flight = self.in_flight, []
-                ids = [r.id for r in rows]
-                await f.store.writer.apply(ops.release, ids, None)
+                await self._record("handed back", ops.release, [r.id for r in rows], None)
 
     async def _sleep(self, seconds: float) -> None:
         self.wake.clear()
@@ -157,9 +170,8 @@ class Worker:
             if isinstance(outcome, Delivered):
                 track_ids = list(outcome.event_ids[: len(rows)])
                 track_ids += [None] * (len(rows) - len(track_ids))
-                now = f.wall()
-                await f.store.writer.apply(ops.delivered, ids, track_ids, self.name, now)
-                self._done(rows)
+                self._done(rows)  # whatever happens next, these are never handed back
+                await self._record("delivered", ops.delivered, ids, track_ids, self.name, f.wall())
                 f.metrics.forwarded.labels(self.name).inc(len(rows))
                 self.failures = 0
                 self._resume()
@@ -195,8 +207,8 @@ class Worker:
             # Retry: 5xx, timeout, connection error, broken answer.
             self.failures += 1
             now = f.wall()
-            await f.store.writer.apply(ops.attempted, ids, outcome.reason)
-            await f.store.writer.apply(ops.set_error, self.name, outcome.reason, now)
+            await self._note(ops.attempted, ids, outcome.reason)
+            await self._note(ops.set_error, self.name, outcome.reason, now)
             expired = [r for r in rows if r.created_at < now - f.settings.max_event_age]
             if expired:
                 await self._dead_letter(
@@ -221,11 +233,52 @@ class Worker:
         gone = {r.id for r in rows}
         self.in_flight = [r for r in self.in_flight if r.id not in gone]
 
+    async def _record(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        """Write a batch's outcome, again and again until the store takes it: the outcome is
+        known only here, and a batch left in flight would be neither retried nor reported
+        until a restart, then sent again even if the API had accepted it."""
+        pause = STORE_RETRY_FIRST
+        failed_at: float | None = None
+        entry = (fn, args)
+        self.unrecorded.append(entry)  # for Forwarder.stop, should the grace run out first
+        while True:
+            try:
+                await self.f.store.writer.apply(fn, *args)
+            except StoreError as e:
+                if failed_at is None:
+                    failed_at = self.f.clock()
+                    log.error(
+                        "batch %s: cannot record it as %s: %s; trying again until the store "
+                        "takes it",
+                        self.name,
+                        what,
+                        e,
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORE_RETRY_MAX)
+                continue
+            self.unrecorded.remove(entry)
+            if failed_at is not None:
+                log.warning(
+                    "batch %s: recorded as %s after %.1f s of store errors",
+                    self.name,
+                    what,
+                    self.f.clock() - failed_at,
+                )
+            return
+
+    async def _note(self, fn: Callable[..., Any], *args: Any) -> None:
+        """A write that only informs (attempts, last error, pause state): tried once."""
+        try:
+            await self.f.store.writer.apply(fn, *args)
+        except StoreError as e:
+            log.warning("forwarder %s: could not record %s: %s", self.name, fn.__name__, e)
+
     async def _dead_letter(self, rows: list[Row], reason: str) -> None:
         ids = [r.id for r in rows]
         now = self.f.wall()
-        await self.f.store.writer.apply(ops.dead_letter, ids, reason, now)
         self._done(rows)
+        await self._record("dead letters", ops.dead_letter, ids, reason, now)
         self.f.metrics.dead_letters.labels(self.name).inc(len(rows))
         log.error("batch %s: %d events dead-lettered: %s", self.name, len(rows), reason[:300])
 
@@ -278,9 +331,9 @@ class Worker:
         now = f.wall()
         ids = [r.id for r in self.in_flight]
         self.in_flight = []
-        await f.store.writer.apply(ops.release, ids, outcome.reason)
-        await f.store.writer.apply(ops.set_paused, names, outcome.reason, now)
-        await f.store.writer.apply(ops.set_error, self.name, outcome.reason, now)
+        await self._record("handed back", ops.release, ids, outcome.reason)
+        await self._note(ops.set_paused, names, outcome.reason, now)
+        await self._note(ops.set_error, self.name, outcome.reason, now)
         for name in names:
             f.metrics.paused.labels(name).set(1)
         scope = (
@@ -310,7 +363,7 @@ class Worker:
                 gate.backoff = PAUSE_FIRST_PROBE
                 for name in names:
                     f.metrics.paused.labels(name).set(0)
-                f.spawn(f.store.writer.apply(ops.set_paused, names, None, f.wall()))
+                f.spawn(self._note(ops.set_paused, names, None, f.wall()))
                 for name in names:
                     f.workers[name].wake.set()
 
@@ -405,10 +458,18 @@ class Forwarder:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         for w in self.workers.values():
+            # Outcomes the store had not taken yet, then what was never answered: one last try
+            # each; what still fails stays in flight and is sent again at the next start.
+            jobs = [*w.unrecorded]
+            w.unrecorded = []
             if w.in_flight:
-                ids = [r.id for r in w.in_flight]
+                jobs.append((ops.release, ([r.id for r in w.in_flight], None)))
                 w.in_flight = []
-                await self.store.writer.apply(ops.release, ids, None)
+            for fn, args in jobs:
+                try:
+                    await self.store.writer.apply(fn, *args)
+                except StoreError as e:
+                    log.error("forwarder %s: events left in flight: %s", w.name, e)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
 
