@@ -1,17 +1,22 @@
 """What the track API's answers mean for a batch (see the table in relay/forwarder.py).
 
-Text from an answer (an error code, a 400's body) is passed through the caller's redactor
-before it goes into any outcome, since the API may echo the request's key.
+Text from an answer (an error code, a 400's body, a Retry-After header) is passed through the
+caller's redactor before it goes into any outcome, since the API may echo the request's key.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 import httpx
 
+MIN_RETRY_AFTER = 1.0  # a 429 never makes the relay send again sooner than this
+DEFAULT_RETRY_AFTER = 60.0  # a 429 without a usable wait: one whole window
 MAX_TEXT = 500  # of an answer's body kept in a dead letter
 
 
@@ -38,7 +43,8 @@ class Pause:
 
 @dataclass
 class RateLimited:
-    retry_after: float
+    retry_after: float  # seconds, within [MIN_RETRY_AFTER, max_wait]
+    detail: str = field(default="", compare=False)  # what the API asked, for operators
 
 
 @dataclass
@@ -49,7 +55,13 @@ class Retry:
 Outcome = Delivered | Invalid | Pause | RateLimited | Retry
 
 
-def classify(response: httpx.Response, redact: Callable[[str], str] = _same) -> Outcome:
+def classify(
+    response: httpx.Response,
+    redact: Callable[[str], str] = _same,
+    max_wait: float = 300.0,
+    now: float | None = None,
+) -> Outcome:
+    """`max_wait` caps a 429's wait (max_backoff); `now` is the wall clock, for HTTP-dates."""
     status = response.status_code
     if status == 200:
         try:
@@ -70,7 +82,7 @@ def classify(response: httpx.Response, redact: Callable[[str], str] = _same) -> 
     if status == 404:
         return Pause(status, f"HTTP 404 {code}", whole_key=False)
     if status == 429:
-        return RateLimited(_retry_after(response))
+        return retry_after(response, redact, max_wait, time.time() if now is None else now)
     return Retry(f"HTTP {status} {code}".strip())
 
 
@@ -83,17 +95,55 @@ def _error_code(response: httpx.Response) -> str:
     return code if isinstance(code, str) else ""
 
 
-def _retry_after(response: httpx.Response) -> float:
-    candidates: list[float] = []
+def retry_after(
+    response: httpx.Response, redact: Callable[[str], str], max_wait: float, now: float
+) -> RateLimited:
+    """How long a 429 says to wait: the Retry-After header as RFC 9110 defines it (whole
+    seconds, or an HTTP-date) and the body's `retry_after`, the longer of the two; without
+    either, one whole window. Then at least 1 s (no tight loop on "0") and at most `max_wait`
+    (a huge or endless value must not hold the key past max_event_age)."""
+    asked: list[float] = []
+    notes: list[str] = []
     header = response.headers.get("retry-after")
-    if header:
-        with contextlib.suppress(ValueError):
-            candidates.append(float(header))
+    if header is not None:
+        seconds = _header_seconds(header.strip(), now)
+        shown = redact(header.strip())[:64]
+        if seconds is None:
+            notes.append(f"Retry-After {shown!r} ignored (neither seconds nor an HTTP-date)")
+        else:
+            asked.append(seconds)
+            notes.append(f"Retry-After {shown!r}")
     try:
         data = response.json()
-        if isinstance(data, dict) and isinstance(data.get("retry_after"), int | float):
-            candidates.append(float(data["retry_after"]))
     except ValueError:
-        pass
-    # Never less than the API asked; with no usable answer, one whole window.
-    return max(candidates) if candidates else 60.0
+        data = None
+    if isinstance(data, dict) and "retry_after" in data:
+        value = data["retry_after"]
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            # NaN fails the test above; infinity and huge integers are capped below
+            asked.append(float(value) if value < 1e15 else math.inf)
+            notes.append(f"retry_after {value!r}")
+        else:
+            notes.append("retry_after ignored (not a number of seconds)")
+    wait = max(asked) if asked else DEFAULT_RETRY_AFTER
+    if not asked:
+        notes.append(f"no usable wait, so {DEFAULT_RETRY_AFTER:.0f} s")
+    clamped = max(MIN_RETRY_AFTER, min(wait, max_wait))
+    if clamped < wait:
+        notes.append(f"capped at max_backoff ({max_wait:g} s)")
+    elif clamped > wait:
+        notes.append(f"raised to {MIN_RETRY_AFTER:g} s")
+    return RateLimited(clamped, "; ".join(notes))
+
+
+def _header_seconds(value: str, now: float) -> float | None:
+    """delay-seconds (1*DIGIT) or an HTTP-date, as seconds from `now`; None if neither."""
+    if value.isascii() and value.isdigit():
+        return float(int(value)) if len(value) < 16 else math.inf
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # HTTP-dates are always GMT
+    return max(0.0, when.timestamp() - now)

@@ -11,7 +11,8 @@ How each answer of the track API is handled:
     400            split the batch in halves until the refused events are alone; dead-letter those
     401, 402, 403  pause every destination of that API key; probe again with backoff
     404            pause this destination; probe again with backoff
-    429            wait Retry-After (never less), then send the same batch
+    429            wait Retry-After (seconds or an HTTP-date; at least 1 s, at most
+                   max_backoff), then send the same batch
     5xx, timeout,  back off exponentially with full jitter, capped; then send the same batch
     broken answer
 
@@ -49,6 +50,7 @@ IDLE_RECHECK = 1.0  # rows may also arrive from another process (dead-letter rep
 STORE_RETRY_FIRST = 0.1  # recording an outcome the store refused: first retry, then doubling
 STORE_RETRY_MAX = 2.0
 STORE_ERROR_PAUSE = 1.0  # the store refused a read or a claim: try again after this
+LONG_RATE_LIMIT = 5.0  # a 429 wait longer than this (or flush_interval) is shown as a pause
 
 
 class Gate:
@@ -74,6 +76,7 @@ class KeyState:
         self.key_id = key_id
         self.limiter = SlidingWindowLimiter(limit, clock=clock)
         self.gate = Gate(key_id)
+        self.rate_limited: str | None = None  # a long 429 wait under way: until when, and why
 
 
 class Worker:
@@ -191,13 +194,7 @@ class Worker:
                 )
                 return await self._deliver(rows[:mid]) and await self._deliver(rows[mid:])
             if isinstance(outcome, RateLimited):
-                log.warning(
-                    "batch %s: 429 from the track API; waiting %.0f s",
-                    self.name,
-                    outcome.retry_after,
-                )
-                self.key.limiter.block(outcome.retry_after)
-                await self.key.limiter.ready()
+                await self._rate_limited(outcome)
                 continue
             if isinstance(outcome, Pause):
                 await self._pause(outcome)
@@ -282,6 +279,34 @@ class Worker:
         self.f.metrics.dead_letters.labels(self.name).inc(len(rows))
         log.error("batch %s: %d events dead-lettered: %s", self.name, len(rows), reason[:300])
 
+    async def _rate_limited(self, outcome: RateLimited) -> None:
+        """A 429: no request with this key until the wait is over. A long wait shows as the
+        key's destinations' pause reason, in /readyz and `relay status`, while it lasts."""
+        f = self.f
+        key = self.key
+        wait = outcome.retry_after
+        key.limiter.block(wait)
+        log.warning(
+            "batch %s: 429 from the track API; waiting %.0f s (%s)", self.name, wait, outcome.detail
+        )
+        if wait <= max(LONG_RATE_LIMIT, f.settings.flush_interval):
+            await key.limiter.ready()
+            return
+        now = f.wall()
+        until = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + wait))
+        reason = key.rate_limited = (
+            f"rate-limited by the track API until {until} (HTTP 429, {outcome.detail})"
+        )
+        names = f.destinations_of_key(key.key_id)
+        await self._note(ops.set_paused, names, reason, now)
+        await self._note(ops.set_error, self.name, f"HTTP 429: {outcome.detail}", now)
+        await key.limiter.ready()
+        if key.rate_limited == reason:  # not replaced by a later 429's
+            key.rate_limited = None
+            if key.gate.reason is None:
+                names = [n for n in names if f.workers[n].gate.reason is None]
+                await self._note(ops.set_paused, names, None, f.wall())
+
     async def _send(self, rows: list[Row]) -> Outcome:
         f = self.f
         body = '{"events":[' + ",".join(r.body for r in rows) + "]}"
@@ -296,7 +321,7 @@ class Worker:
                 self.url, content=body.encode(), headers=self.headers, timeout=f.settings.timeout
             )
             status = str(response.status_code)
-            return classify(response, f.redact)
+            return classify(response, f.redact, f.settings.max_backoff, f.wall())
         except httpx.TimeoutException:
             status = "timeout"
             return Retry("timeout")
@@ -435,7 +460,7 @@ class Forwarder:
         """Paused destinations and why."""
         out: dict[str, str] = {}
         for w in self.workers.values():
-            reason = w.gate.reason or w.key.gate.reason
+            reason = w.gate.reason or w.key.gate.reason or w.key.rate_limited
             if reason:
                 out[w.name] = reason
         return out

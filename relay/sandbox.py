@@ -319,6 +319,9 @@ class Sandbox:
                         response = Response(
                             b'{"ok": true, "event_id": <html>', 200, media_type="application/json"
                         )
+                    elif rule.status == 429 and rule.retry_after_header is not None:
+                        headers = {"Retry-After": rule.retry_after_header}
+                        response = error(429, headers=headers, **_echo(rule, request))
                     elif rule.status == 429:
                         retry = rule.retry_after or 1
                         response = error(

@@ -265,6 +265,7 @@ class FaultRule:
     drop: bool = False
     malformed: bool = False
     retry_after: int | None = None
+    retry_after_header: str | None = None  # sent as it is, for clients' parsers
     echo_key: bool = False  # the error answer repeats the request's API key, as some APIs do
     count: int | None = None
     seed: int | None = None
@@ -288,6 +289,7 @@ class FaultRule:
             "drop": self.drop,
             "malformed": self.malformed,
             "retry_after": self.retry_after,
+            "retry_after_header": self.retry_after_header,
             "echo_key": self.echo_key,
             "count": self.count,
             "seed": self.seed,
@@ -327,6 +329,10 @@ class Faults:
             "drop": (lambda v: isinstance(v, bool), "must be a boolean"),
             "malformed": (lambda v: isinstance(v, bool), "must be a boolean"),
             "retry_after": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
+            "retry_after_header": (
+                lambda v: isinstance(v, str) and v.isprintable() and len(v) <= 200,
+                "must be a printable string of at most 200 characters",
+            ),
             "echo_key": (lambda v: isinstance(v, bool), "must be a boolean"),
             "count": (lambda v: _is_int(v) and v >= 1, "must be an integer >= 1"),
             "seed": (_is_int, "must be an integer"),
