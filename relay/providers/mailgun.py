@@ -15,9 +15,6 @@ and across restarts, refuses it there.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import email.utils
 import hashlib
 import hmac
 import json
@@ -26,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from secrets import token_hex, token_urlsafe
 from typing import Any
-from urllib.parse import parse_qsl
 
 from relay.config import ConfigTable, Secret
 from relay.errors import ConfigError, InvalidBody, InvalidSignature
@@ -39,9 +35,10 @@ from relay.providers.base import (
     check_age,
     json_body,
 )
+from relay.providers.forms import MULTIPART, URLENCODED, FormError, parse_form
 
-FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
-_MAX_FORM_FIELDS = 1000
+FORM_TYPES = (URLENCODED, MULTIPART)
+SIGNATURE_FIELDS = frozenset({"timestamp", "token", "signature", "parent-signature"})
 
 
 def sign(key: str, timestamp: str, token: str) -> str:
@@ -96,7 +93,7 @@ class MailgunProvider(Provider):
         )
 
     def verify(self, request: WebhookRequest) -> None:
-        hook = _decode(request)
+        hook = _decode(request, only=SIGNATURE_FIELDS)
         sig = hook.signature
         if sig is None:
             raise InvalidSignature("missing signature block")
@@ -157,7 +154,8 @@ def _text(value: Any) -> str | None:
     return None
 
 
-def _decode(request: WebhookRequest) -> _Webhook:
+def _decode(request: WebhookRequest, only: frozenset[str] | None = None) -> _Webhook:
+    """The webhook's signature block and event; of a form, with `only`, just those fields."""
     kind = request.content_type
     if kind == "application/json":
         body = json_body(request)
@@ -167,7 +165,7 @@ def _decode(request: WebhookRequest) -> _Webhook:
         block = signature if isinstance(signature, dict) else None
         return _Webhook(block, body.get("event-data"), legacy=False)
     if kind in FORM_TYPES:
-        fields = form_fields(request)
+        fields = form_fields(request, only)
         return _Webhook(fields, fields, legacy=True)
     raise InvalidBody(f"Mailgun posts JSON or forms, not {kind or 'a body without a content type'}")
 
@@ -198,51 +196,16 @@ def _event(hook: _Webhook) -> tuple[str, str, Mapping[str, Any]]:
     return f"{event_id}:{stamp}", event_type, event
 
 
-def form_fields(request: WebhookRequest) -> dict[str, str]:
-    """The fields of a urlencoded or multipart form; a repeated field keeps its last value."""
+def form_fields(request: WebhookRequest, only: frozenset[str] | None = None) -> dict[str, str]:
+    """The fields of a urlencoded or multipart form; a repeated field keeps its last value.
+
+    The form is parsed before its signature is checked, by a parser made for that (bounded,
+    linear, never recursive: relay/providers/forms.py); verify() decodes the signature fields
+    alone, the rest is decoded once they match."""
     try:
-        if request.content_type == "application/x-www-form-urlencoded":
-            pairs = parse_qsl(
-                request.body.decode("utf-8"),
-                keep_blank_values=True,
-                errors="strict",
-                max_num_fields=_MAX_FORM_FIELDS,
-            )
-            return dict(pairs)
-        return _multipart(request.header("content-type") or "", request.body)
-    except (UnicodeDecodeError, ValueError) as e:
+        return parse_form(request.header("content-type") or "", request.body, only)
+    except FormError as e:
         raise InvalidBody(f"malformed form: {e}") from None
-
-
-def _multipart(content_type: str, body: bytes) -> dict[str, str]:
-    """multipart/form-data by the standard library's MIME parser, strictly.
-
-    File parts (with a filename: attachments of a bounced message) are skipped; the event is
-    the text fields.
-    """
-    if "\r" in content_type or "\n" in content_type:
-        raise ValueError("bad content type")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
-    )
-    if not message.is_multipart() or message.defects:
-        raise ValueError("not a complete multipart body")
-    fields: dict[str, str] = {}
-    for count, part in enumerate(message.iter_parts()):
-        if count >= _MAX_FORM_FIELDS:
-            raise ValueError("too many parts")
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, tuple):  # RFC 2231: name*=utf-8''...
-            name = email.utils.collapse_rfc2231_value(name)
-        if part.get_content_disposition() != "form-data" or not isinstance(name, str):
-            raise ValueError("a part is not a named form-data field")
-        if part.get_filename() is not None or part.is_multipart():
-            continue
-        payload = part.get_payload(decode=True)
-        if part.defects or not isinstance(payload, bytes):
-            raise ValueError(f"field {name!r} is malformed")
-        fields[name] = payload.decode("utf-8")
-    return fields
 
 
 def _id(size: int = 22) -> str:
