@@ -1,0 +1,267 @@
+"""The storage interface: every read and write of the relay's state, one class per backend.
+
+Callers (the acknowledgement, the mapper, the forwarder, housekeeping, status, dead letters,
+the CLI) use only this interface; SQL lives in the backend modules. Every method is a
+coroutine; the CLI runs them with `asyncio.run`.
+
+The life of a webhook in the store:
+
+    ingest        the raw webhook and its provider event keys, deduped by the database in the
+                  same statement, plus the replay-ledger claims; committed before the answer
+    unmapped      webhooks committed but not yet mapped (after a restart, the mapper's backlog)
+    save_mapped   the mapper's outbox rows (or mapping failures, dead at once); the webhook
+                  leaves the unmapped set in the same transaction
+    claim         the next pending rows of a destination, in flight, in one statement
+    delivered / release / attempted / dead_letter / expire
+    prune         retention, in small steps
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay.providers.base import Token
+
+PENDING, IN_FLIGHT, DELIVERED, DEAD = 0, 1, 2, 3
+STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in flight", DELIVERED: "delivered", DEAD: "dead"}
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One verified webhook on its way into the store."""
+
+    source: str
+    received_at: float
+    content_type: str
+    headers: str  # JSON object, credentials removed
+    body: bytes
+    keys: Sequence[str]  # the provider event ids, in body order (repeats allowed)
+    dedupe_window: float
+    # (event key, the token that vouched for it): a token already bound to another event
+    # refuses the whole webhook (InvalidSignature)
+    tokens: Sequence[tuple[str, Token]] = ()
+
+
+@dataclass(frozen=True)
+class Ingested:
+    webhook_id: int | None  # None when nothing new was stored
+    accepted: tuple[str, ...]  # keys taken now (each once)
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class StoredWebhook:
+    id: int
+    source: str
+    received_at: float
+    content_type: str
+    headers: dict[str, str]
+    body: bytes
+    accepted: tuple[str, ...] | None = None  # the keys to map; None: every event of the body
+
+
+@dataclass(frozen=True)
+class Output:
+    """One outbox row the mapper makes: a track event, or a mapping failure (body None)."""
+
+    destination: str
+    event_key: str
+    rule: int | None
+    body: str | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Mapped:
+    webhook_id: int
+    created_at: float
+    outputs: Sequence[Output]
+
+
+@dataclass(frozen=True)
+class Queued:
+    """What one destination got from a save: rows pending, and when the oldest was queued."""
+
+    pending: int
+    oldest: float | None
+    dead: int = 0
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    body: str
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """An outbox row as an operator sees it."""
+
+    id: int
+    destination: str
+    source: str | None
+    webhook_id: int | None
+    event_key: str | None
+    rule: int | None
+    body: str | None
+    state: int
+    attempts: int
+    last_error: str | None
+    track_id: int | None
+    created_at: float
+    done_at: float | None
+
+
+@dataclass(frozen=True)
+class DestinationRow:
+    name: str
+    key_id: str
+    website_id: int
+    paused_reason: str | None
+    paused_at: float | None
+    last_success_at: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Per destination and state, the outbox rows; and the oldest pending row."""
+
+    by_state: dict[str, dict[int, int]] = field(default_factory=dict)
+    oldest: dict[str, float] = field(default_factory=dict)
+    dedupe_keys: int = 0
+    webhooks: int = 0
+    unmapped: int = 0
+
+
+class Store(abc.ABC):
+    """The relay's state. One instance per process; `open` before use, `close` after."""
+
+    url: str  # where it lives, for messages (never with a password)
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (numbered migrations)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # -- the acknowledgement
+
+    @abc.abstractmethod
+    async def ingest(self, item: Incoming) -> Ingested:
+        """Store a webhook and its new event keys, deduped by the database; committed when
+        this returns. Raises StoreError when it cannot be stored."""
+
+    # -- the mapper
+
+    @abc.abstractmethod
+    async def unmapped(self, after: int, limit: int) -> list[StoredWebhook]:
+        """Webhooks committed but not mapped yet, by id, after `after`."""
+
+    @abc.abstractmethod
+    async def save_mapped(self, mapped: Sequence[Mapped]) -> dict[str, Queued]:
+        """The mapper's rows for these webhooks, which leave the unmapped set."""
+
+    @abc.abstractmethod
+    async def webhook(self, webhook_id: int) -> StoredWebhook | None: ...
+
+    # -- the forwarder
+
+    @abc.abstractmethod
+    async def queue_depths(self) -> dict[str, Queued]:
+        """Pending rows per destination (at start, and when another process may have queued)."""
+
+    @abc.abstractmethod
+    async def claim(self, destination: str, limit: int, now: float) -> list[Row]:
+        """The next `limit` pending rows of a destination, marked in flight in one statement."""
+
+    @abc.abstractmethod
+    async def delivered(
+        self, ids: Sequence[int], track_ids: Sequence[int | None], destination: str, now: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def attempted(self, ids: Sequence[int], error: str) -> None:
+        """A try failed and will be repeated: count it, keep the reason."""
+
+    @abc.abstractmethod
+    async def release(self, ids: Sequence[int], error: str | None) -> None:
+        """Hand in-flight rows back to the queue."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, ids: Sequence[int], reason: str, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def expire(self, cutoff: float, now: float) -> dict[str, int]:
+        """Dead-letter pending rows queued before `cutoff`; rows per destination."""
+
+    @abc.abstractmethod
+    async def reset_in_flight(self) -> int:
+        """After a crash: rows left in flight go back to the queue."""
+
+    # -- destinations and pauses
+
+    @abc.abstractmethod
+    async def register_destination(self, name: str, key_id: str, website_id: int) -> None: ...
+
+    @abc.abstractmethod
+    async def set_paused(self, names: Sequence[str], reason: str | None, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def set_error(self, name: str, error: str, now: float) -> None: ...
+
+    @abc.abstractmethod
+    async def destinations(self) -> list[DestinationRow]: ...
+
+    # -- the rate-limit log (requests sent per API key)
+
+    @abc.abstractmethod
+    async def log_requests(self, key_id: str, times: Sequence[float]) -> None: ...
+
+    @abc.abstractmethod
+    async def requests_since(self, key_id: str, since: float) -> list[float]: ...
+
+    # -- operators
+
+    @abc.abstractmethod
+    async def counts(self) -> Counts: ...
+
+    @abc.abstractmethod
+    async def dead_letters(self, limit: int | None = None) -> list[OutboxEntry]:
+        """Newest first; `limit` None for all."""
+
+    @abc.abstractmethod
+    async def outbox_entry(self, row_id: int) -> OutboxEntry | None: ...
+
+    @abc.abstractmethod
+    async def requeue(self, items: Sequence[tuple[int, str]], now: float) -> list[int]:
+        """Dead letters (id, body) back in the queue; the ids that were dead and are queued."""
+
+    @abc.abstractmethod
+    async def check_writable(self) -> str | None:
+        """None when a webhook could be stored now, else why not."""
+
+    # -- housekeeping
+
+    @abc.abstractmethod
+    async def prune(self, now: float, dedupe_window: float, retention: float) -> int:
+        """One small step of retention; rows removed (call again while it is > 0)."""
+
+
+def first_each(keys: Sequence[str]) -> list[str]:
+    """The keys in order, each once (a body may carry the same event twice)."""
+    return list(dict.fromkeys(keys))
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(obj)
