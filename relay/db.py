@@ -172,15 +172,15 @@ def _connect(path: Path, readonly: bool, checkpointer: bool) -> sqlite3.Connecti
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> int:
+def migrate(conn: sqlite3.Connection, migrations: list[str] = MIGRATIONS) -> int:
     """Apply the migrations this file has not seen yet; returns the schema version."""
     version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
+    if version > len(migrations):
         raise StoreError(
             f"the database has schema version {version}, newer than this relay knows "
-            f"({len(MIGRATIONS)}); upgrade the relay"
+            f"({len(migrations)}); upgrade the relay"
         )
-    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+    for number, sql in enumerate(migrations[version:], start=version + 1):
         try:
             conn.executescript(
                 f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number};\nCOMMIT;"
@@ -190,7 +190,7 @@ def migrate(conn: sqlite3.Connection) -> int:
                 conn.execute("ROLLBACK")
             raise
         log.info("database migrated to version %d", number)
-    return len(MIGRATIONS)
+    return len(migrations)
 
 
 class Writer:

@@ -47,7 +47,7 @@ class SQLiteStore(Store):
 
     async def open(self) -> None:
         def setup() -> sqlite3.Connection:
-            conn = connect(self.path, busy_ms=int(self.busy_timeout * 1000))
+            conn = connect(self.path)
             try:
                 migrate(conn)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job

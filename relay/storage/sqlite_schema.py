@@ -1,89 +1,14 @@
-"""The SQLite file: connections and numbered migrations."""
+"""The SQLite file: numbered migrations, on top of relay/db.py's until that one goes."""
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 from pathlib import Path
 
-from relay.errors import StoreError
-
-log = logging.getLogger("relay.storage")
+from relay import db
 
 MIGRATIONS: list[str] = [
-    # 1: the initial schema
-    """
-    CREATE TABLE webhooks (
-        id INTEGER PRIMARY KEY,
-        source TEXT NOT NULL,
-        received_at REAL NOT NULL,
-        content_type TEXT NOT NULL,
-        headers TEXT NOT NULL,
-        body BLOB NOT NULL
-    );
-    CREATE INDEX webhooks_received ON webhooks (received_at);
-    CREATE TABLE dedupe (
-        source TEXT NOT NULL,
-        key TEXT NOT NULL,
-        seen_at REAL NOT NULL,
-        PRIMARY KEY (source, key)
-    ) WITHOUT ROWID;
-    CREATE INDEX dedupe_seen ON dedupe (seen_at);
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        webhook_id INTEGER NOT NULL REFERENCES webhooks (id),
-        source TEXT NOT NULL,
-        key TEXT NOT NULL,
-        type TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        received_at REAL NOT NULL
-    );
-    CREATE INDEX events_webhook ON events (webhook_id);
-    CREATE INDEX events_received ON events (received_at);
-    CREATE TABLE outbox (
-        id INTEGER PRIMARY KEY,
-        destination TEXT NOT NULL,
-        event_id INTEGER REFERENCES events (id),
-        rule INTEGER,
-        body TEXT,
-        created_at REAL NOT NULL,
-        state INTEGER NOT NULL DEFAULT 0,
-        batch_id INTEGER,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT,
-        track_id INTEGER,
-        done_at REAL
-    );
-    CREATE INDEX outbox_queue ON outbox (destination, state, id);
-    CREATE INDEX outbox_done ON outbox (state, done_at);
-    CREATE INDEX outbox_event ON outbox (event_id);
-    CREATE TABLE destinations (
-        name TEXT PRIMARY KEY,
-        key_id TEXT NOT NULL,
-        website_id INTEGER NOT NULL,
-        paused_reason TEXT,
-        paused_at REAL,
-        last_success_at REAL,
-        last_error TEXT,
-        last_error_at REAL
-    );
-    CREATE TABLE meta (
-        key TEXT PRIMARY KEY,
-        value TEXT
-    );
-    """,
-    # 2: the token ledger: which event each signed single-use token (Mailgun's) vouched for,
-    # across sources (two sources may share a signing key)
-    """
-    CREATE TABLE tokens (
-        token TEXT PRIMARY KEY,
-        source TEXT NOT NULL,             -- where it came first
-        key TEXT NOT NULL,                -- the dedupe key of the event it came with
-        seen_at REAL NOT NULL,
-        expires_at REAL NOT NULL          -- when the signature's age check refuses it anyway
-    ) WITHOUT ROWID;
-    CREATE INDEX tokens_expiry ON tokens (expires_at);
-    """,
+    *db.MIGRATIONS,  # 1: the initial schema; 2: the token ledger
     # 3: the lean acknowledgement. A webhook is stored with its event keys only; the mapper
     # makes the outbox rows after the commit. Provider events are not rows of their own: they
     # are parsed again from the stored body when needed.
@@ -127,48 +52,10 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def connect(
-    path: Path, *, readonly: bool = False, checkpointer: bool = False, busy_ms: int = 10_000
-) -> sqlite3.Connection:
-    if readonly:
-        conn = sqlite3.connect(
-            f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.row_factory = sqlite3.Row
-    conn.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
-    if checkpointer:
-        conn.execute("PRAGMA synchronous = FULL")
-        return conn
-    if not readonly:
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk before any webhook of it is answered, also across power loss.
-        conn.execute("PRAGMA synchronous = FULL")
-    return conn
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    return db.connect(path, readonly=readonly)
 
 
 def migrate(conn: sqlite3.Connection) -> int:
     """Apply the migrations this file has not seen yet; returns the schema version."""
-    version: int = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version > len(MIGRATIONS):
-        raise StoreError(
-            f"the database has schema version {version}, newer than this relay knows "
-            f"({len(MIGRATIONS)}); upgrade the relay"
-        )
-    for number, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-        try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE;\n{sql};\nPRAGMA user_version = {number};\nCOMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        log.info("database migrated to version %d", number)
-    return len(MIGRATIONS)
-
-
-def schema_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    return db.migrate(conn, MIGRATIONS)

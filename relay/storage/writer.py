@@ -17,13 +17,13 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.db import Checkpointer
 from relay.errors import StoreError
 
 log = logging.getLogger("relay.storage")
@@ -229,54 +229,3 @@ def _settle(item: _Item, ok: bool, value: Any) -> None:
         if isinstance(value, sqlite3.Error):
             value = StoreError(f"database error: {value}")
         item.future.set_exception(value)
-
-
-class Checkpointer:
-    """Copies the write-ahead log back into the database file, beside the writer.
-
-    SQLite's own checkpoints run inside the commit that crosses 1,000 pages and hold up the
-    next group for as long as they copy and fsync. A PASSIVE checkpoint from a connection of its
-    own runs while the writer goes on. Under sustained writes the log never starts over by
-    itself: past `restart_pages` a RESTART checkpoint makes it.
-    """
-
-    def __init__(self, path: Path, interval: float = 0.2, restart_pages: int = 16_384):
-        from relay.storage.sqlite_schema import connect
-
-        self.interval = interval
-        self.restart_pages = restart_pages  # 64 MB of 4 KB pages
-        self.conn = connect(path, checkpointer=True)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self.checkpoints = 0
-        self.restarts = 0
-        self._thread = threading.Thread(target=self._run, name="relay-checkpoint", daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        if not self._wake.is_set():
-            self._wake.set()
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-        self.conn.close()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            if self._stop.wait(self.interval):  # let commits gather: one checkpoint for many
-                return
-            self._wake.clear()
-            try:
-                self.checkpoint()
-            except sqlite3.Error as e:  # the next commit tries again
-                log.warning("database checkpoint failed: %s", e)
-
-    def checkpoint(self) -> None:
-        _busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        self.checkpoints += 1
-        if frames >= self.restart_pages and copied >= frames:
-            self.conn.execute("PRAGMA wal_checkpoint(RESTART)")
-            self.restarts += 1
