@@ -19,16 +19,15 @@ from starlette.types import Receive, Scope, Send
 from relay import receive as receive_mod
 from relay import status as status_mod
 from relay.config import Config
-from relay.errors import StoreError
 from relay.forwarder import Forwarder
+from relay.housekeeping import Housekeeper
 from relay.ingest import Pipeline
+from relay.mapper import Mapper
 from relay.metrics import Metrics
-from relay.store import Store
+from relay.storage import Store, open_store
 
 log = logging.getLogger("relay.webhook")
 applog = logging.getLogger("relay")
-
-READY_WAIT = 0.5  # /readyz: how long its write may wait for the lock before it says 503
 
 
 class Runtime:
@@ -47,18 +46,23 @@ class Runtime:
         self.workers = workers
         self.metrics = Metrics()
         self.store: Store | None = None
+        self.mapper: Mapper | None = None
         self.pipeline: Pipeline | None = None
         self.forwarder: Forwarder | None = None
+        self.housekeeper: Housekeeper | None = None
         self.client: httpx.AsyncClient | None = None
         self.draining = False
         self.housekeeping_interval = housekeeping_interval
 
     async def start(self) -> None:
         cfg = self.config
-        self.store = Store(cfg.relay.database, shared=self.workers > 1)
-        self.store.writer.on_commit = self.metrics.commit_seconds.observe
-        self.pipeline = Pipeline(cfg, self.store, self.metrics)
-        if self.worker > 0:  # receives webhooks only
+        store = open_store(cfg.relay.database, on_commit=self.metrics.commit_seconds.observe)
+        await store.open()
+        self.store = store
+        self.mapper = Mapper(cfg, store, self.metrics)
+        if self.worker > 0:  # receives and maps webhooks only
+            await self.mapper.start()
+            self.pipeline = Pipeline(cfg, store, self.metrics, self.mapper)
             applog.info("worker %d of %d ready", self.worker, self.workers)
             return
         self.client = httpx.AsyncClient(
@@ -66,14 +70,13 @@ class Runtime:
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
             headers={"user-agent": "webhook-relay"},
         )
-        self.forwarder = Forwarder(
-            self.store,
-            cfg,
-            self.client,
-            self.metrics,
-            housekeeping_interval=self.housekeeping_interval,
-        )
+        self.forwarder = Forwarder(store, cfg, self.client, self.metrics)
         await self.forwarder.start()
+        self.mapper.on_queued = self.forwarder.queued
+        await self.mapper.start()
+        self.pipeline = Pipeline(cfg, store, self.metrics, self.mapper)
+        self.housekeeper = Housekeeper(store, cfg, self.metrics, self.housekeeping_interval)
+        self.housekeeper.start()
         for name, source in cfg.sources.items():
             if source.verifier is None:
                 applog.warning(
@@ -92,16 +95,21 @@ class Runtime:
 
     async def stop(self) -> None:
         self.draining = True
+        grace = self.config.relay.shutdown_grace
+        if self.housekeeper is not None:
+            await self.housekeeper.stop()
+        if self.mapper is not None:  # what was acknowledged is mapped (or mapped at next start)
+            await self.mapper.stop(grace)
         if self.forwarder is not None:
-            await self.forwarder.stop(self.config.relay.shutdown_grace)
+            await self.forwarder.stop(grace)
         if self.client is not None:
             await self.client.aclose()
         if self.store is not None:
-            self.store.close()
+            await self.store.close()
         applog.info("relay stopped cleanly")
 
     def reload(self) -> bool:
-        return self.pipeline.reload_mappings() if self.pipeline is not None else False
+        return self.mapper.reload() if self.mapper is not None else False
 
 
 def _error(status: int, code: str, message: str | None = None) -> JSONResponse:
@@ -128,14 +136,11 @@ async def readyz(request: Request) -> Response:
         # Could a webhook be stored now? Enough disk for one, then a real write that waits
         # for the lock as a webhook would, but only briefly (another process holding the
         # write lock makes webhooks wait, then fail).
-        problem = status_mod.disk_problem(rt.config.relay.database, rt.config.relay.max_body_bytes)
-        if problem is None:
-            try:
-                await rt.store.writer.run_batched(status_mod.touch_all, None, READY_WAIT)
-            except StoreError as e:
-                problem = str(e)
+        problem = await rt.store.check_writable(rt.config.relay.max_body_bytes)
         if problem is not None:
             problems.append(f"store not writable: {problem}")
+        if rt.mapper is not None and not rt.mapper.running and not rt.draining:
+            problems.append("mapper not running")
         if rt.forwarder is not None:
             if not rt.forwarder.running and not rt.draining:
                 problems.append("forwarder not running")
@@ -169,7 +174,6 @@ class Gateway:
         self.app = app
         self.runtime = runtime
         self.state = app.state
-        self.router = app.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if receive_mod.is_webhook_post(scope):

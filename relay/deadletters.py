@@ -8,16 +8,13 @@ with the current mapping; the output of the same rule replaces the dead letter.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from relay.config import Config
-from relay.ingest import load_mappings
-from relay.mapping import Mapping
+from relay.mapping import Mapping, load_mappings
 from relay.providers.base import WebhookRequest
-from relay.store import DEAD, DELIVERED, IN_FLIGHT, PENDING
+from relay.storage import DEAD, DELIVERED, IN_FLIGHT, PENDING, OutboxEntry, Store, StoredWebhook
 
 
 @dataclass(frozen=True)
@@ -35,43 +32,31 @@ class DeadLetter:
     dead_at: float | None
     webhook_id: int | None
 
-
-_SELECT = (
-    "SELECT o.id, o.destination, e.source, e.key, e.type, o.rule, o.body, o.last_error, "
-    "o.attempts, o.created_at, o.done_at, e.webhook_id "
-    "FROM outbox o LEFT JOIN events e ON e.id = o.event_id "
-)
-
-
-def _row(r: sqlite3.Row) -> DeadLetter:
-    return DeadLetter(*tuple(r))
-
-
-def list_dead(conn: sqlite3.Connection, limit: int = 100) -> list[DeadLetter]:
-    rows = conn.execute(_SELECT + "WHERE o.state = ? ORDER BY o.id DESC LIMIT ?", (DEAD, limit))
-    return [_row(r) for r in rows]
-
-
-def get_dead(conn: sqlite3.Connection, dead_id: int) -> DeadLetter | None:
-    r = conn.execute(_SELECT + "WHERE o.id = ? AND o.state = ?", (dead_id, DEAD)).fetchone()
-    return _row(r) if r is not None else None
+    @classmethod
+    def of(cls, e: OutboxEntry) -> DeadLetter:
+        return cls(
+            e.id,
+            e.destination,
+            e.source,
+            e.event_key,
+            e.event_type,
+            e.rule,
+            e.body,
+            e.last_error,
+            e.attempts,
+            e.created_at,
+            e.done_at,
+            e.webhook_id,
+        )
 
 
-def webhook(conn: sqlite3.Connection, webhook_id: int) -> dict[str, Any] | None:
-    r = conn.execute(
-        "SELECT id, source, received_at, content_type, headers, body FROM webhooks WHERE id = ?",
-        (webhook_id,),
-    ).fetchone()
-    if r is None:
-        return None
-    return {
-        "id": r["id"],
-        "source": r["source"],
-        "received_at": r["received_at"],
-        "content_type": r["content_type"],
-        "headers": json.loads(r["headers"]),
-        "body": bytes(r["body"]),
-    }
+async def list_dead(store: Store, limit: int | None = 100) -> list[DeadLetter]:
+    return [DeadLetter.of(e) for e in await store.dead_letters(limit)]
+
+
+async def get_dead(store: Store, dead_id: int) -> DeadLetter | None:
+    e = await store.outbox_entry(dead_id)
+    return DeadLetter.of(e) if e is not None and e.state == DEAD else None
 
 
 class ReplayError(Exception):
@@ -79,7 +64,7 @@ class ReplayError(Exception):
 
 
 def remap(
-    conn: sqlite3.Connection, config: Config, mappings: dict[str, Mapping], dl: DeadLetter
+    config: Config, mappings: dict[str, Mapping], dl: DeadLetter, hook: StoredWebhook | None
 ) -> str:
     """The dead letter's event mapped again by its rule with the current mapping (JSON body)."""
     if dl.webhook_id is None or dl.source is None:
@@ -87,14 +72,15 @@ def remap(
     source = config.sources.get(dl.source)
     if source is None:
         raise ReplayError(f"dead letter {dl.id}: source {dl.source!r} is no longer configured")
-    hook = webhook(conn, dl.webhook_id)
     if hook is None:
         raise ReplayError(f"dead letter {dl.id}: webhook {dl.webhook_id} was pruned")
-    request = WebhookRequest("POST", "", hook["headers"], hook["body"], hook["received_at"])
+    headers = dict(hook.headers)
+    headers.setdefault("content-type", hook.content_type)
+    request = WebhookRequest("POST", "", headers, hook.body, hook.received_at)
     events = [e for e in source.provider.parse(request) if e.key == dl.event_key]
     if not events:
         raise ReplayError(f"dead letter {dl.id}: event {dl.event_key} not found in its webhook")
-    result = mappings[source.name].apply(events[0], source.name, hook["headers"])
+    result = mappings[source.name].apply(events[0], source.name, hook.headers)
     for f in result.failures:
         if f.rule == dl.rule:
             raise ReplayError(f"dead letter {dl.id}: the mapping still fails: {f.reason}")
@@ -104,8 +90,8 @@ def remap(
     raise ReplayError(f"dead letter {dl.id}: rule {dl.rule} no longer makes an event for it")
 
 
-def replay(
-    conn: sqlite3.Connection,
+async def replay(
+    store: Store,
     config: Config,
     ids: list[int] | None,
     do_remap: bool,
@@ -118,53 +104,50 @@ def replay(
     """
     now = time.time() if now is None else now
     if ids is None:
-        targets = [
-            _row(r) for r in conn.execute(_SELECT + "WHERE o.state = ? ORDER BY o.id", (DEAD,))
-        ]
+        targets = list(reversed(await list_dead(store, None)))
     else:
         targets = []
         not_dead = []
         for i in dict.fromkeys(ids):  # an id given twice is one dead letter, replayed once
-            dl = get_dead(conn, i)
+            dl = await get_dead(store, i)
             if dl is None:
-                not_dead.append(_not_dead(conn, i))
+                not_dead.append(await _not_dead(store, i))
             else:
                 targets.append(dl)
         if not_dead:
             return [], not_dead
     mappings = load_mappings(config) if do_remap or any(t.body is None for t in targets) else {}
-    done: list[int] = []
+    items: list[tuple[int, str]] = []
     problems: list[str] = []
+    hooks: dict[int, StoredWebhook | None] = {}
     for dl in targets:
         body = dl.body
         if do_remap or body is None:
+            if dl.webhook_id is not None and dl.webhook_id not in hooks:
+                hooks[dl.webhook_id] = await store.webhook(dl.webhook_id)
+            hook = hooks.get(dl.webhook_id) if dl.webhook_id is not None else None
             try:
-                body = remap(conn, config, mappings, dl)
+                body = remap(config, mappings, dl, hook)
             except ReplayError as e:
                 problems.append(str(e))
                 continue
             except Exception as e:  # a provider refusing its own stored body
                 problems.append(f"dead letter {dl.id}: cannot remap: {e}")
                 continue
-        queued = conn.execute(
-            "UPDATE outbox SET state = ?, body = ?, attempts = 0, last_error = NULL, "
-            "created_at = ?, done_at = NULL, batch_id = NULL WHERE id = ? AND state = ?",
-            (PENDING, body, now, dl.id, DEAD),
-        ).rowcount
-        if queued:
-            done.append(dl.id)
-        else:
-            problems.append(f"dead letter {dl.id}: no longer dead, not queued again")
+        items.append((dl.id, body))
+    done = await store.requeue(items, now)
+    gone = {i for i, _ in items} - set(done)
+    problems += [f"dead letter {i}: no longer dead, not queued again" for i in sorted(gone)]
     return done, problems
 
 
 _STATES = {PENDING: "queued to be sent", IN_FLIGHT: "being sent", DELIVERED: "delivered"}
 
 
-def _not_dead(conn: sqlite3.Connection, event_id: int) -> str:
+async def _not_dead(store: Store, row_id: int) -> str:
     """Why an id given to replay is not a dead letter: unknown, or in another state."""
-    r = conn.execute("SELECT state FROM outbox WHERE id = ?", (event_id,)).fetchone()
-    if r is None:
-        return f"no dead letter with id {event_id}"
-    state = _STATES.get(r["state"], f"in state {r['state']}")
-    return f"no dead letter with id {event_id}: that event is {state}, not dead"
+    e = await store.outbox_entry(row_id)
+    if e is None:
+        return f"no dead letter with id {row_id}"
+    state = _STATES.get(e.state, f"in state {e.state}")
+    return f"no dead letter with id {row_id}: that event is {state}, not dead"

@@ -19,6 +19,9 @@ from jinja2 import Undefined
 # Unix times at or above this are taken as milliseconds: 1e11 seconds is in the year 5138,
 # 1e11 milliseconds in 1973.
 _MS_THRESHOLD = 100_000_000_000
+# Numbers this large are no amount or time: 10**100 prints as 101 digits, 1e999999999 as a
+# billion.
+_MAX_EXPONENT = 100
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Currencies whose amounts Stripe gives in other than hundredths: the zero-decimal ones and
@@ -67,6 +70,9 @@ def _number(name: str, value: Any) -> Decimal:
         raise FilterError(f"{name}: {_show(value)} is not a number") from None
     if not number.is_finite():
         raise FilterError(f"{name}: {_show(value)} is not a finite number")
+    if number and number.adjusted() > _MAX_EXPONENT:
+        # "1e999999999" is a short string, but printing it as cents is a gigabyte.
+        raise FilterError(f"{name}: {_show(value)} is out of range")
     return number
 
 

@@ -24,6 +24,7 @@ that fails for a while leaves no batch in flight and sends nothing twice.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -33,20 +34,19 @@ from typing import Any
 
 import httpx
 
-from relay import store as ops
 from relay.answers import Delivered, Invalid, Outcome, Pause, RateLimited, Retry, classify
 from relay.config import Config, Destination, TrackSettings
 from relay.errors import StoreError
 from relay.metrics import Metrics
 from relay.ratelimit import SlidingWindowLimiter
 from relay.redact import Redactor
-from relay.store import Row, Store
+from relay.storage import DestinationRow, Queued, Row, Store
 
 log = logging.getLogger("relay.forwarder")
 
 PAUSE_FIRST_PROBE = 5.0
 BACKOFF_BASE = 0.5
-IDLE_RECHECK = 1.0  # rows may also arrive from another process (dead-letter replay)
+IDLE_RECHECK = 1.0  # rows may also arrive from another process (a worker, a replay)
 STORE_RETRY_FIRST = 0.1  # recording an outcome the store refused: first retry, then doubling
 STORE_RETRY_MAX = 2.0
 STORE_ERROR_PAUSE = 1.0  # the store refused a read or a claim: try again after this
@@ -79,6 +79,55 @@ class KeyState:
         self.rate_limited: str | None = None  # a long 429 wait under way: until when, and why
 
 
+class Depth:
+    """What one destination's queue holds, as the mapper reported it: runs of rows (when the
+    oldest of the run was received, how many), oldest first. The store is asked only at start
+    and when the queue looks empty for a while (rows from another process)."""
+
+    def __init__(self) -> None:
+        self.runs: collections.deque[list[float]] = collections.deque()
+        self.pending = 0
+
+    @property
+    def oldest(self) -> float | None:
+        return self.runs[0][0] if self.runs else None
+
+    def set(self, pending: int, oldest: float | None) -> None:
+        self.runs.clear()
+        self.pending = 0
+        if pending:
+            self.add(pending, oldest if oldest is not None else 0.0)
+
+    def add(self, n: int, oldest: float) -> None:
+        if n > 0:
+            self.runs.append([oldest, n])
+            self.pending += n
+
+    def took(self, asked: int, rows: list[Row]) -> None:
+        """A claim of `asked` rows gave these; fewer means the queue is empty now."""
+        if len(rows) < asked:
+            self.set(0, None)
+            return
+        left = len(rows)
+        while left and self.runs:
+            run = self.runs[0]
+            if run[1] > left:
+                run[1] -= left
+                run[0] = max(run[0], rows[-1].created_at)
+                left = 0
+            else:
+                left -= int(run[1])
+                self.runs.popleft()
+        self.pending = max(0, self.pending - len(rows))
+        if self.pending and not self.runs:
+            self.runs.append([rows[-1].created_at, self.pending])
+
+    def handed_back(self, rows: list[Row]) -> None:
+        if rows:
+            self.runs.appendleft([min(r.created_at for r in rows), len(rows)])
+            self.pending += len(rows)
+
+
 class Worker:
     """Drains one destination's queue."""
 
@@ -88,11 +137,12 @@ class Worker:
         self.key = key
         self.gate = Gate(destination.name)
         self.wake = asyncio.Event()
+        self.depth = Depth()
+        self.idle_since: float | None = None
         self.failures = 0
         self.task: asyncio.Task[None] | None = None
         self.in_flight: list[Row] = []
         self.unrecorded: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []  # see _record
-        self.batch_id: int | None = None
         self.url = f"{destination.base_url}/websites/{destination.website_id}/track/batch"
         self.headers = {
             "authorization": f"Bearer {destination.api_key.reveal()}",
@@ -126,14 +176,26 @@ class Worker:
         if delay > 0:
             await self._sleep(delay)
             return
-        count, oldest = await f.store.writer.apply(ops.queue_head, self.name, settings.batch_size)
-        if count == 0:
-            await self._sleep(IDLE_RECHECK)
+        depth = self.depth
+        if depth.pending == 0:
+            now = f.clock()
+            if self.idle_since is None:
+                self.idle_since = now
+            if now - self.idle_since < IDLE_RECHECK:
+                await self._sleep(self.idle_since + IDLE_RECHECK - now)
+                return
+            # Empty for a while as far as this process knows: another may have queued rows.
+            self.idle_since = None
+            queued = (await f.store.queue_depths([self.name])).get(self.name)
+            if queued is not None:
+                depth.set(queued.pending, queued.oldest)
             return
-        if count < settings.batch_size and oldest is not None:
+        self.idle_since = None
+        oldest = depth.oldest
+        if depth.pending < settings.batch_size and oldest is not None:
             due = oldest + settings.flush_interval - f.wall()
             if due > 0:
-                await self._sleep(min(due, IDLE_RECHECK))
+                await self._sleep(due)
                 return
         limiter = self.key.limiter
         if limiter.delay() > 0:
@@ -147,16 +209,18 @@ class Worker:
                 if gate.reason is not None:
                     gate.probing = True
         try:
-            batch_id, rows = await f.store.writer.apply(ops.claim, self.name, settings.batch_size)
+            rows = await f.store.claim(self.name, settings.batch_size, f.wall())
+            depth.took(settings.batch_size, rows)
             if rows:
-                self.in_flight, self.batch_id = rows, batch_id
+                self.in_flight = rows
                 await self._deliver(rows)
         finally:
             self.key.gate.probing = False
             self.gate.probing = False
             if self.in_flight:  # stopped or failed mid-way: hand the rest back to the queue
                 rows, self.in_flight = self.in_flight, []
-                await self._record("handed back", ops.release, [r.id for r in rows], None)
+                self.depth.handed_back(rows)
+                await self._record("handed back", f.store.release, [r.id for r in rows], None)
 
     async def _sleep(self, seconds: float) -> None:
         self.wake.clear()
@@ -174,7 +238,9 @@ class Worker:
                 track_ids = list(outcome.event_ids[: len(rows)])
                 track_ids += [None] * (len(rows) - len(track_ids))
                 self._done(rows)  # whatever happens next, these are never handed back
-                await self._record("delivered", ops.delivered, ids, track_ids, self.name, f.wall())
+                await self._record(
+                    "delivered", f.store.delivered, ids, track_ids, self.name, f.wall()
+                )
                 f.metrics.forwarded.labels(self.name).inc(len(rows))
                 self.failures = 0
                 self._resume()
@@ -204,8 +270,8 @@ class Worker:
             # Retry: 5xx, timeout, connection error, broken answer.
             self.failures += 1
             now = f.wall()
-            await self._note(ops.attempted, ids, outcome.reason)
-            await self._note(ops.set_error, self.name, outcome.reason, now)
+            await self._note(f.store.attempted, ids, outcome.reason)
+            await self._note(f.store.set_error, self.name, outcome.reason, now)
             expired = [r for r in rows if r.created_at < now - f.settings.max_event_age]
             if expired:
                 await self._dead_letter(
@@ -240,7 +306,7 @@ class Worker:
         self.unrecorded.append(entry)  # for Forwarder.stop, should the grace run out first
         while True:
             try:
-                await self.f.store.writer.apply(fn, *args)
+                await fn(*args)
             except StoreError as e:
                 if failed_at is None:
                     failed_at = self.f.clock()
@@ -267,7 +333,7 @@ class Worker:
     async def _note(self, fn: Callable[..., Any], *args: Any) -> None:
         """A write that only informs (attempts, last error, pause state): tried once."""
         try:
-            await self.f.store.writer.apply(fn, *args)
+            await fn(*args)
         except StoreError as e:
             log.warning("forwarder %s: could not record %s: %s", self.name, fn.__name__, e)
 
@@ -275,7 +341,7 @@ class Worker:
         ids = [r.id for r in rows]
         now = self.f.wall()
         self._done(rows)
-        await self._record("dead letters", ops.dead_letter, ids, reason, now)
+        await self._record("dead letters", self.f.store.dead_letter, ids, reason, now)
         self.f.metrics.dead_letters.labels(self.name).inc(len(rows))
         log.error("batch %s: %d events dead-lettered: %s", self.name, len(rows), reason[:300])
 
@@ -298,14 +364,9 @@ class Worker:
             f"rate-limited by the track API until {until} (HTTP 429, {outcome.detail})"
         )
         names = f.destinations_of_key(key.key_id)
-        await self._note(ops.set_paused, names, reason, now)
-        await self._note(ops.set_error, self.name, f"HTTP 429: {outcome.detail}", now)
-        await key.limiter.ready()
-        if key.rate_limited == reason:  # not replaced by a later 429's
-            key.rate_limited = None
-            if key.gate.reason is None:
-                names = [n for n in names if f.workers[n].gate.reason is None]
-                await self._note(ops.set_paused, names, None, f.wall())
+        await self._note(f.store.set_paused, names, reason, now, now + wait)
+        await self._note(f.store.set_error, self.name, f"HTTP 429: {outcome.detail}", now)
+        await f.end_of_rate_limit(key, reason)
 
     async def _send(self, rows: list[Row]) -> Outcome:
         f = self.f
@@ -314,6 +375,9 @@ class Worker:
         if not await limiter.acquire():
             return Retry("the relay is stopping")
         sent = True
+        # Kept in the store before it goes, counted as received at the latest moment the API
+        # could have received it, so a relay restarted at any point stays within the limit.
+        request_id = await f.log_request(self.key.key_id)
         started = f.clock()
         status = "error"
         try:
@@ -333,6 +397,8 @@ class Worker:
             return Retry(f"transport error: {self._describe(e)}")
         finally:
             limiter.release(sent)
+            if request_id is not None:
+                f.spawn(self._note(f.store.end_request, request_id, f.wall() if sent else None))
             f.metrics.latency.labels(self.name).observe(f.clock() - started)
             f.metrics.batches.labels(self.name, status).inc()
 
@@ -355,10 +421,11 @@ class Worker:
         names = f.destinations_of_key(self.key.key_id) if outcome.whole_key else [self.name]
         now = f.wall()
         ids = [r.id for r in self.in_flight]
+        self.depth.handed_back(self.in_flight)
         self.in_flight = []
-        await self._record("handed back", ops.release, ids, outcome.reason)
-        await self._note(ops.set_paused, names, outcome.reason, now)
-        await self._note(ops.set_error, self.name, outcome.reason, now)
+        await self._record("handed back", f.store.release, ids, outcome.reason)
+        await self._note(f.store.set_paused, names, outcome.reason, now)
+        await self._note(f.store.set_error, self.name, outcome.reason, now)
         for name in names:
             f.metrics.paused.labels(name).set(1)
         scope = (
@@ -388,7 +455,7 @@ class Worker:
                 gate.backoff = PAUSE_FIRST_PROBE
                 for name in names:
                     f.metrics.paused.labels(name).set(0)
-                f.spawn(self._note(ops.set_paused, names, None, f.wall()))
+                f.spawn(self._note(f.store.set_paused, names, None, f.wall()))
                 for name in names:
                     f.workers[name].wake.set()
 
@@ -402,7 +469,6 @@ class Forwarder:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        housekeeping_interval: float = 30.0,
     ):
         self.store = store
         self.config = config
@@ -412,12 +478,10 @@ class Forwarder:
         self.clock = clock
         self.wall = wall
         self.redact = Redactor.of(config)  # for the track API's text, before it is kept
-        self.housekeeping_interval = housekeeping_interval
         self.stopping = False
         self.keys: dict[str, KeyState] = {}
         self.workers: dict[str, Worker] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._housekeeper: asyncio.Task[None] | None = None
         for dest in config.destinations:
             key = self.keys.get(dest.key_id)
             if key is None:
@@ -435,26 +499,91 @@ class Forwarder:
         task.add_done_callback(self._tasks.discard)
 
     async def start(self) -> None:
-        reset = await self.store.writer.run(ops.reset_in_flight)
+        """Take up where the last process left off: rows in flight back in the queue, the
+        queues' depths, each key's requests of the current window, the pauses."""
+        store = self.store
+        reset = await store.reset_in_flight()
         if reset:
             log.warning("re-sending %d events that were in flight when the relay stopped", reset)
+        depths = await store.queue_depths(list(self.workers))
         for w in self.workers.values():
-            await self.store.writer.apply(
-                ops.register_destination, w.name, w.key.key_id, w.dest.website_id
-            )
-            await self.store.writer.apply(ops.set_paused, [w.name], None, self.wall())
+            await store.register_destination(w.name, w.key.key_id, w.dest.website_id)
+            queued = depths.get(w.name)
+            if queued is not None:
+                w.depth.set(queued.pending, queued.oldest)
+        now, mono = self.wall(), self.clock()
+        for key in self.keys.values():
+            since = now - key.limiter.window - key.limiter.margin
+            times = await store.requests_since(key.key_id, since)
+            key.limiter.preload([mono - (now - t) for t in times])
+        rows = {d.name: d for d in await store.destinations()}
+        for w in self.workers.values():
+            await self._restore_pause(w, rows.get(w.name), now)
+        for w in self.workers.values():
             w.task = asyncio.create_task(w.run(), name=f"forward {w.name}")
-        self._housekeeper = asyncio.create_task(self._housekeeping(), name="housekeeping")
 
-    @property
-    def running(self) -> bool:
-        tasks = [w.task for w in self.workers.values()]
-        return not self.stopping and all(t is not None and not t.done() for t in tasks)
+    async def _restore_pause(self, w: Worker, row: DestinationRow | None, now: float) -> None:
+        if row is None or row.paused_reason is None:
+            return
+        if row.paused_until is not None:  # a 429's wait: it ends when it ends
+            left = row.paused_until - now
+            if left <= 0:
+                await self.store.set_paused([w.name], None, now)
+                return
+            w.key.limiter.block(left)
+            if w.key.rate_limited != row.paused_reason:
+                w.key.rate_limited = row.paused_reason
+                self.spawn(self.end_of_rate_limit(w.key, row.paused_reason))
+            log.warning("%s: still %s", w.name, row.paused_reason)
+            return
+        # Paused by the API's answer: probe at once, the operator may have fixed it meanwhile.
+        w.gate.reason = row.paused_reason
+        w.gate.until = self.clock()
+        self.metrics.paused.labels(w.name).set(1)
+        log.warning("%s: was PAUSED (%s); probing again", w.name, row.paused_reason)
+
+    async def end_of_rate_limit(self, key: KeyState, reason: str) -> None:
+        """When a long 429 wait is over, its pause reason goes (unless a later 429 replaced
+        it, or the key was paused for another reason meanwhile)."""
+        await key.limiter.ready()
+        if key.rate_limited != reason or self.stopping:
+            return
+        key.rate_limited = None
+        if key.gate.reason is None:
+            names = [
+                n
+                for n in self.destinations_of_key(key.key_id)
+                if self.workers[n].gate.reason is None
+            ]
+            try:
+                await self.store.set_paused(names, None, self.wall())
+            except StoreError as e:
+                log.warning("forwarder: could not record the end of a rate limit: %s", e)
+
+    async def log_request(self, key_id: str) -> int | None:
+        try:
+            return await self.store.begin_request(key_id, self.wall() + self.settings.timeout)
+        except StoreError as e:
+            log.warning("forwarder: the request log is not writable (%s); sending anyway", e)
+            return None
+
+    def queued(self, queued: dict[str, Queued]) -> None:
+        """The mapper saved rows: wake the destinations that got some."""
+        for name, q in queued.items():
+            worker = self.workers.get(name)
+            if worker is not None and q.pending:
+                worker.depth.add(q.pending, q.oldest if q.oldest is not None else self.wall())
+                worker.wake.set()
 
     def notify(self, destination: str) -> None:
         worker = self.workers.get(destination)
         if worker is not None:
             worker.wake.set()
+
+    @property
+    def running(self) -> bool:
+        tasks = [w.task for w in self.workers.values()]
+        return not self.stopping and all(t is not None and not t.done() for t in tasks)
 
     def paused(self) -> dict[str, str]:
         """Paused destinations and why."""
@@ -473,9 +602,6 @@ class Forwarder:
         for w in self.workers.values():
             w.wake.set()
         tasks = [w.task for w in self.workers.values() if w.task is not None]
-        if self._housekeeper is not None:
-            self._housekeeper.cancel()
-            tasks.append(self._housekeeper)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=grace)
             for t in pending:
@@ -488,40 +614,12 @@ class Forwarder:
             jobs = [*w.unrecorded]
             w.unrecorded = []
             if w.in_flight:
-                jobs.append((ops.release, ([r.id for r in w.in_flight], None)))
+                jobs.append((self.store.release, ([r.id for r in w.in_flight], None)))
                 w.in_flight = []
             for fn, args in jobs:
                 try:
-                    await self.store.writer.apply(fn, *args)
+                    await fn(*args)
                 except StoreError as e:
                     log.error("forwarder %s: events left in flight: %s", w.name, e)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
-
-    async def _housekeeping(self) -> None:
-        cfg = self.config.relay
-        while not self.stopping:
-            try:
-                now = self.wall()
-                cutoff = now - self.settings.max_event_age
-                expired = await self.store.writer.apply(ops.expire, cutoff, now)
-                for name in expired:
-                    self.metrics.dead_letters.labels(name).inc()
-                if expired:
-                    log.error(
-                        "%d events dead-lettered: not delivered within max_event_age", len(expired)
-                    )
-                # Retention in small steps, each its own short transaction, so ingestion
-                # never waits long behind it.
-                while not self.stopping:
-                    removed = await self.store.writer.apply(
-                        ops.prune, self.wall(), cfg.dedupe_window, cfg.retention
-                    )
-                    if removed == 0:
-                        break
-                    await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("housekeeping failed; trying again later")
-            await asyncio.sleep(self.housekeeping_interval)

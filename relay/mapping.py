@@ -23,13 +23,14 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from jinja2 import ChainableUndefined, Template, TemplateAssertionError, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context, new_context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from relay import bounds, templating
+from relay.bounds import MAX_FIELD, TooLarge, TooSlow
 from relay.config import type_name
 from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
@@ -37,6 +38,9 @@ from relay.filters import FILTERS, FilterError
 from relay.fitting import MAX_NAME, MAX_PAYLOAD_KEYS, MAX_URL, MAX_VALUE, TrackEvent, fit, is_uuid
 from relay.providers.base import CREDENTIAL_HEADERS, ProviderEvent
 from relay.tomllines import KeyLines
+
+if TYPE_CHECKING:
+    from relay.config import Config
 
 _TOP_KEYS = ("provider", "events", "examples")
 _RULE_KEYS = ("on", "if", "name", "visitor_id", "url", "referrer", "payload")
@@ -58,7 +62,7 @@ def _finalize(value: Any) -> Any:
     return value
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
+class _Sandbox(templating.BoundedSandbox):
     """The sandbox, made to read JSON keys before dict methods and to refuse loudly."""
 
     def getattr(self, obj: Any, attribute: str) -> Any:
@@ -77,10 +81,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         )
 
 
-def make_environment() -> ImmutableSandboxedEnvironment:
+def make_environment() -> templating.BoundedSandbox:
     """The one environment every mapping compiles in (filters of relay.filters added)."""
     env = _Sandbox(undefined=ChainableUndefined, autoescape=False, finalize=_finalize)
     env.filters.update(FILTERS)
+    env.bound_filters()
     return env
 
 
@@ -96,6 +101,7 @@ class _Field:
     source: str
     template: Template | None  # None: the source is a constant
     pure: bool = True  # writes nothing to its context ({% set %}, macros...): may share one
+    repeats: bool = False  # has loops, macros or blocks: its output can be of any length
 
     def render(self, context: Context) -> str:
         if self.template is None:
@@ -105,7 +111,17 @@ class _Field:
             context = t.new_context(context.parent, shared=True)
         # root_render_func on a context is what Template.render does, minus a copy of every
         # variable per field and the traceback rewriting: about 6x faster.
-        return "".join(t.root_render_func(context)).strip()
+        if not self.repeats:  # a few parts, each a bounded value
+            return "".join(t.root_render_func(context))[:MAX_FIELD].strip()
+        # Output past MAX_FIELD is not rendered: fitting would cut it anyway.
+        parts = []
+        size = 0
+        for part in t.root_render_func(context):
+            parts.append(part)
+            size += len(part)
+            if size >= MAX_FIELD:
+                break
+        return "".join(parts)[:MAX_FIELD].strip()
 
 
 class _RenderError(Exception):
@@ -160,7 +176,7 @@ class Rule:
 
 
 def _reason(e: Exception) -> str:
-    if isinstance(e, FilterError):
+    if isinstance(e, FilterError | TooLarge | TooSlow):
         text = str(e)
     elif isinstance(e, SecurityError):
         text = f"refused by the sandbox: {e}"
@@ -224,7 +240,20 @@ class Mapping:
     def apply(
         self, event: ProviderEvent, source: str, headers: cabc.Mapping[str, str]
     ) -> MapResult:
-        """Map one provider event. Never raises for anything in the webhook data."""
+        """Map one provider event. Never raises for anything in the webhook data.
+
+        The event's rules may use bounds.DEADLINE seconds of CPU; a rule still rendering then
+        fails.
+        """
+        saved = bounds.start()
+        try:
+            return self._apply(event, source, headers)
+        finally:
+            bounds.stop(saved)
+
+    def _apply(
+        self, event: ProviderEvent, source: str, headers: cabc.Mapping[str, str]
+    ) -> MapResult:
         outputs: list[Mapped] = []
         failures: list[MapFailure] = []
         parent: dict[str, Any] | None = None
@@ -292,6 +321,18 @@ class Mapping:
                 elif f.key != "visitor_id" and len(f.source) > MAX_URL:
                     problem(f"{at}.{f.key}", f"is longer than {MAX_URL} characters")
         return problems
+
+
+def load_mappings(config: Config) -> dict[str, Mapping]:
+    """Every source's mapping, each file loaded once. Raises ConfigError."""
+    by_file: dict[Path, Mapping] = {}
+    out: dict[str, Mapping] = {}
+    for name, source in config.sources.items():
+        path = source.mapping
+        if path not in by_file:
+            by_file[path] = load_mapping(path)
+        out[name] = by_file[path]
+    return out
 
 
 def load_mapping(path: Path) -> Mapping:
@@ -389,13 +430,19 @@ def _compile(key: str, out: str, source: str, fail: Fail) -> _Field:
     try:
         tree = _ENV.parse(source)
         _check_tree(tree)
+        templating.check_constants(tree, _ENV)
+        pure = next(tree.find_all(_WRITES), None) is None
+        repeats = templating.instrument(tree)
         template = _ENV.from_string(tree)
     except TemplateSyntaxError as e:
         fail(key, f"template error: {e.message}")
-    except _Unsafe as e:
+    except (_Unsafe, TooLarge) as e:
         fail(key, str(e))
-    pure = next(tree.find_all(_WRITES), None) is None
-    return _Field(_local(key), out, source, template, pure)
+    except RecursionError:
+        fail(key, "template error: nested too deeply")
+    except Exception as e:  # Jinja's own limits (an integer too long to print...): one line
+        fail(key, f"template error: {type(e).__name__}: {e}")
+    return _Field(_local(key), out, source, template, pure, repeats)
 
 
 def _local(key: str) -> str:
@@ -410,6 +457,8 @@ def _compile_condition(key: str, source: str, fail: Fail) -> _Field:
         pass  # an unknown filter or test: _compile names it as for any template
     except TemplateSyntaxError as e:
         fail(key, f"expression error: {e.message}")
+    except Exception:  # compiled again below, which names the problem
+        pass
     # Evaluated as a one-line template so that it takes the same fast path as the fields.
     return _compile(key, "if", "{% if (" + source + ") %}1{% endif %}", fail)
 

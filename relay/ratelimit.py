@@ -12,6 +12,7 @@ keeps us on the safe side of its window whatever the latency.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
 from collections import deque
@@ -33,7 +34,6 @@ class SlidingWindowLimiter:
         self.log: deque[float] = deque()
         self.in_flight = 0
         self.blocked_until = 0.0
-        self.waits = 0  # times a caller had to wait for the window (for metrics)
         self.closed = False
         self._changed = asyncio.Event()
 
@@ -76,15 +76,11 @@ class SlidingWindowLimiter:
 
     async def acquire(self) -> bool:
         """Take a slot, waiting as long as needed; False (and no slot) once closed."""
-        waited = False
         while not self.closed:
             wait = self.delay()
             if wait <= 0:
                 self.in_flight += 1
-                if waited:
-                    self.waits += 1
                 return True
-            waited = True
             await self._wait(wait)
         return False
 
@@ -92,7 +88,11 @@ class SlidingWindowLimiter:
         """The request answered (or failed): log it, unless it never left."""
         self.in_flight -= 1
         if sent:
-            self.log.append(self.clock())
+            now = self.clock()
+            if self.log and self.log[-1] > now:  # a preloaded request counted at its latest
+                bisect.insort(self.log, now)
+            else:
+                self.log.append(now)
         self._changed.set()
 
     def block(self, seconds: float) -> None:
@@ -100,6 +100,7 @@ class SlidingWindowLimiter:
         self.blocked_until = max(self.blocked_until, self.clock() + seconds)
         self._changed.set()
 
-    def used(self) -> int:
-        self._trim(self.clock())
-        return len(self.log) + self.in_flight
+    def preload(self, times: list[float]) -> None:
+        """Requests a previous process sent in the current window (times on this clock)."""
+        self.log = deque(sorted([*self.log, *times]))
+        self._changed.set()

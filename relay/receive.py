@@ -146,20 +146,18 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
         body = b'{"ok": false, "error": "unavailable", "message": "internal error; retry later"}'
         await _answer(send, 503, body, ((b"retry-after", b"5"),))
         return
-    if rt.forwarder is not None:
-        for dest in result.queued:
-            rt.forwarder.notify(dest)
-    outcome = "accepted" if result.accepted or not result.duplicates else "duplicate"
+    accepted = len(result.accepted)
+    outcome = "accepted" if accepted or not result.duplicates else "duplicate"
     rt.metrics.webhooks.labels(name, outcome).inc()
     log.info(
         "webhook %s 200 accepted=%d duplicates=%d (%d bytes, %.1f ms)",
         name,
-        result.accepted,
+        accepted,
         result.duplicates,
         size,
         (time.perf_counter() - started) * 1000,
     )
-    body = b'{"ok":true,"accepted":%d,"duplicates":%d}' % (result.accepted, result.duplicates)
+    body = b'{"ok":true,"accepted":%d,"duplicates":%d}' % (accepted, result.duplicates)
     await _answer(send, 200, body)
 
 

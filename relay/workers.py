@@ -196,13 +196,9 @@ class Supervisor:
 
     def run(self) -> bool:
         """Run until stopped; True when every worker drained and exited 0."""
-        from relay.db import connect, migrate
+        from relay.cli.common import open_database
 
-        conn = connect(self.config.relay.database)  # the schema, before any worker opens it
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        open_database(self.config)  # the schema, before any worker opens it
         self.metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-")
         previous = {
             s: signal.signal(s, h)

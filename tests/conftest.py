@@ -132,18 +132,40 @@ mapping = "{MAPPINGS / "stripe.toml"}"
     )
 
 
-TABLES = ("webhooks", "dedupe", "outbox", "events")
+TABLES = ("webhooks", "dedupe", "outbox")
 
 
 def row_counts(db: Path, tables: tuple[str, ...] = TABLES) -> dict[str, int]:
-    """How many rows each of the relay's tables holds (read from the SQLite file)."""
+    """How many rows each of the relay's tables holds (read from the SQLite file), once every
+    stored webhook is mapped (the mapper works after the acknowledgement)."""
     import sqlite3
 
+    wait_mapped(db)
     conn = sqlite3.connect(db)
     try:
         return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
     finally:
         conn.close()
+
+
+def wait_mapped(db: Path, timeout: float = 10.0) -> None:
+    """Until the relay has mapped every webhook it stored (its unmapped set is empty)."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(db)
+        try:
+            left = int(conn.execute("SELECT count(*) FROM unmapped").fetchone()[0])
+        except sqlite3.OperationalError:  # no schema yet
+            left = 0
+        finally:
+            conn.close()
+        if left == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{left} stored webhooks still not mapped after {timeout} s")
+        time.sleep(0.02)
 
 
 class Relay:

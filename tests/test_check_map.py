@@ -6,6 +6,7 @@ import base64
 import json
 import re
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -137,8 +138,18 @@ expect = [{{ name = "refund_issued", payload = {{ amount = "1.00" }} }}]
             "unknown key",
         ),
         (('on = "charge.refunded"\n', ""), "events[0]", "needs `on`"),
+        (
+            ("| cents(data.object.currency)", "~ 10**5000"),
+            "events[0].payload.amount",
+            "'**' would make an integer of about 5001 digits; a mapping makes at most 1000",
+        ),
+        (
+            ("| cents(data.object.currency)", "~ 'a' * 10**8"),
+            "events[0].payload.amount",
+            "'*' would make 100000000 characters; a mapping makes at most 1048576",
+        ),
     ],
-    ids=["unknown filter", "template syntax", "unknown key", "no on"],
+    ids=["unknown filter", "template syntax", "unknown key", "no on", "10**5000", "'a' * 10**8"],
 )
 def test_a_broken_mapping_names_file_line_and_rule(
     tmp_path: Path, rule_change: tuple[str, str], key: str, reason: str
@@ -202,12 +213,46 @@ def test_every_problem_of_every_mapping_is_printed(tmp_path: Path) -> None:
     assert lines[1].startswith(f"{failing}:") and "expected 0 event(s)" in lines[1]
 
 
-def test_serve_refuses_a_broken_mapping_with_one_line(tmp_path: Path) -> None:
-    mapping = mapping_file(tmp_path, REFUND_RULE.replace("cents(", "nope("))
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (("cents(", "nope("), "events[0].payload.amount: template error: no filter named 'nope'"),
+        (
+            ("| cents(data.object.currency)", "* 10**5000"),
+            "events[0].payload.amount: '**' would make an integer of about 5001 digits",
+        ),
+    ],
+    ids=["unknown filter", "10**5000"],
+)
+def test_serve_refuses_a_broken_mapping_with_one_line(
+    tmp_path: Path, change: tuple[str, str], reason: str
+) -> None:
+    mapping = mapping_file(tmp_path, REFUND_RULE.replace(*change))
     result = run("serve", "--config", str(config_for(tmp_path, mapping)))
     assert result.exit_code == 1
     assert result.stderr.count("\n") == 1
-    assert f"relay: {mapping}:" in result.stderr and "no filter named 'nope'" in result.stderr
+    assert re.match(rf"relay: {re.escape(str(mapping))}:\d+: {re.escape(reason)}", result.stderr)
+
+
+def test_an_example_of_a_slow_rule_fails_at_the_deadline(tmp_path: Path) -> None:
+    slow = "{% for i in range(40000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"
+    mapping = mapping_file(
+        tmp_path,
+        REFUND_RULE.replace('amount = "', f'slow = "{slow}"\namount = "')
+        + f'\n[[examples]]\ninput = "{REFUND}"\nexpect = [{{ name = "refund_issued" }}]\n',
+    )
+    started = time.monotonic()
+    result = run("check", "--config", str(config_for(tmp_path, mapping)))
+    assert time.monotonic() - started < 5
+    assert result.exit_code == 1
+    problem, summary = result.stderr.splitlines()
+    assert problem.startswith(f"{mapping}:")
+    assert problem.endswith(
+        ": examples[0] (input "
+        f'{REFUND}): events[0] (on "charge.refunded"): failed: payload.slow: took more than '
+        "50 ms of CPU, the most one event's mapping may take"
+    ), problem
+    assert summary == "relay: 1 problem(s) found"
 
 
 # -- relay map ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from relay import sandbox as sandbox_mod
 from relay.app import create_app
 from relay.config import load_config
 from relay.providers import hubspot, mailgun, sendgrid, standard
-from tests.conftest import API_KEY, MAPPINGS, stripe_event
+from tests.conftest import API_KEY, MAPPINGS, stripe_event, wait_mapped
 from tests.servers import ThreadedServer
 
 STRIPE = "whsec_hostile"
@@ -53,11 +53,12 @@ class Env:
         self.private_key = sendgrid.load_private_key(sendgrid_key)
 
     def rows(self) -> int:
+        wait_mapped(self.db)
         conn = sqlite3.connect(self.db)
         try:
             return sum(
                 conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-                for t in ("webhooks", "events", "outbox", "dedupe")
+                for t in ("webhooks", "unmapped", "outbox", "dedupe")
             )
         finally:
             conn.close()

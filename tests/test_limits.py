@@ -181,7 +181,7 @@ def test_only_a_bounded_set_of_headers_is_stored_with_a_webhook(relay: RelayProc
     conn = sqlite3.connect(db(relay))
     try:
         (stored,) = conn.execute(
-            "SELECT w.headers FROM webhooks w JOIN events e ON e.webhook_id = w.id WHERE e.key = ?",
+            "SELECT w.headers FROM webhooks w JOIN dedupe d ON d.webhook_id = w.id WHERE d.key = ?",
             (event["id"],),
         ).fetchone()
     finally:

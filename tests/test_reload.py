@@ -155,6 +155,30 @@ def test_sighup_reloads_mappings_and_refuses_a_broken_one(
     assert len(relay.wait_for_log("mappings reloaded")) == 1
 
 
+def test_sighup_refuses_a_mapping_over_the_limits_with_one_line_and_keeps_the_old(
+    served: Callable[..., Served], sandbox: Sandbox
+) -> None:
+    relay = served(mapping=MAPPING.replace("NAME", "refund_v1"))
+    relay.mapping.write_text(
+        MAPPING.replace("NAME", "refund_v2").replace("data.object.id", "10**5000")
+    )
+    assert relay.proc is not None
+    relay.proc.send_signal(signal.SIGHUP)
+    [line] = relay.wait_for_log("mapping reload refused")
+    assert re.search(
+        rf"ERROR +relay\.webhook: mapping reload refused, keeping the mappings in use: "
+        rf"{re.escape(str(relay.mapping))}:6: events\[0\]\.payload\.charge_id: '\*\*' would "
+        r"make an integer of about 5001 digits; a mapping makes at most 1000$",
+        line,
+    ), line
+    assert relay.post(stripe_event("charge.refunded")).status_code == 200
+    assert names(sandbox, 1) == ["refund_v1"]  # the old mapping still works
+    assert relay.stop() == 0
+    text = relay.text()
+    assert "Traceback" not in text and "Exception in callback" not in text, text
+    assert len([x for x in text.splitlines() if "ERROR" in x]) == 1, text
+
+
 def test_json_logs_one_object_per_line_one_line_per_webhook_and_batch(
     served: Callable[..., Served], sandbox: Sandbox
 ) -> None:
@@ -246,13 +270,13 @@ secret = "{STRIPE_SECRET}"
 mapping = "{mappings / "stripe.toml"}"
 """
     relay = relay_factory(sandbox, sources=sources)
-    pipeline = relay.runtime.pipeline
-    before = pipeline.mappings["stripe"]
+    mapper = relay.runtime.mapper
+    before = mapper.mappings["stripe"]
     text = (mappings / "stripe.toml").read_text()
     # Still a valid file, but its own examples now disagree with it.
     (mappings / "stripe.toml").write_text(text.replace('name = "purchase"', 'name = "order"', 1))
     assert relay.runtime.reload() is False
-    assert pipeline.mappings["stripe"] is before
+    assert mapper.mappings["stripe"] is before
     (mappings / "stripe.toml").write_text(text.replace("# A refund", "# Refunds", 1))
     assert relay.runtime.reload() is True
-    assert pipeline.mappings["stripe"] is not before
+    assert mapper.mappings["stripe"] is not before

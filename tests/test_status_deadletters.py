@@ -12,7 +12,15 @@ import pytest
 from click.testing import CliRunner, Result
 
 from relay.cli import main
-from tests.conftest import API_KEY, STRIPE_SECRET, Relay, Sandbox, stripe_event, stripe_post
+from tests.conftest import (
+    API_KEY,
+    STRIPE_SECRET,
+    Relay,
+    Sandbox,
+    stripe_event,
+    stripe_post,
+    wait_mapped,
+)
 
 
 def cli(relay: Relay, *args: str) -> Result:
@@ -168,7 +176,8 @@ def test_failed_mapping_then_fixed_and_replayed_with_remap(
     )
     relay = relay_factory(sandbox, sources=sources)
     first, second = post_refund(relay), post_refund(relay)
-    items = dead_letters(relay)  # stored dead when the webhook was: no wait
+    wait_mapped(relay.db)  # dead as soon as the mapper took the webhook
+    items = dead_letters(relay)
     assert [i["event_key"] for i in items] == [second["id"], first["id"]]  # newest first
     for item in items:
         assert item["reason"].startswith("mapping failed: payload.amount: cents: 'usd'")

@@ -219,7 +219,8 @@ def test_claim_takes_the_oldest_pending_rows_in_one_go(backend: Callable[[], Sto
     async def body(s: Store) -> None:
         await _queue(s, 30)
         await _queue(s, 2, dest="k/2")
-        depths = await s.queue_depths()
+        depths = await s.queue_depths(["k/1", "k/2", "k/3"])
+        assert depths.keys() == {"k/1", "k/2"}
         assert depths["k/1"].pending == 30 and depths["k/2"].pending == 2
         batch = await s.claim("k/1", 25, T0)
         assert [json.loads(r.body)["n"] for r in batch] == list(range(25))
@@ -227,7 +228,7 @@ def test_claim_takes_the_oldest_pending_rows_in_one_go(backend: Callable[[], Sto
         rest = await s.claim("k/1", 25, T0)
         assert len(rest) == 5 and not set(r.id for r in rest) & set(r.id for r in batch)
         assert await s.claim("k/1", 25, T0) == []
-        assert (await s.queue_depths()).get("k/1") is None
+        assert (await s.queue_depths(["k/1"])).get("k/1") is None
 
     run(backend, body)
 
@@ -286,17 +287,27 @@ def test_pauses_and_errors_are_kept(backend: Callable[[], Store]) -> None:
         await s.set_paused(["k/1", "k/2"], "401 invalid api key", T0)
         await s.set_error("k/1", "401 invalid api key", T0)
         await s.set_paused(["k/2"], None, T0 + 1)
+        await s.register_destination("j/3", "j", 3)
+        await s.set_paused(["j/3"], "rate-limited", T0, until=T0 + 600)
 
     run(backend, body)
     dests = {d.name: d for d in run(backend, lambda s: s.destinations())}
     assert dests["k/1"].paused_reason == "401 invalid api key" and dests["k/1"].paused_at == T0
+    assert dests["k/1"].paused_until is None and dests["j/3"].paused_until == T0 + 600
     assert dests["k/1"].last_error == "401 invalid api key"
     assert dests["k/2"].paused_reason is None and dests["k/2"].paused_at is None
 
 
 def test_request_log_outlives_the_process(backend: Callable[[], Store]) -> None:
-    run(backend, lambda s: s.log_requests("k", [T0, T0 + 1, T0 + 2]))
-    assert run(backend, lambda s: s.requests_since("k", T0 + 0.5)) == [T0 + 1, T0 + 2]
+    async def body(s: Store) -> None:
+        for at in (T0, T0 + 1, T0 + 2):
+            await s.end_request(await s.begin_request("k", at + 10), at)
+        await s.begin_request("k", T0 + 13)  # the process died before the answer
+        never = await s.begin_request("k", T0 + 14)
+        await s.end_request(never, None)  # never left
+
+    run(backend, body)
+    assert run(backend, lambda s: s.requests_since("k", T0 + 0.5)) == [T0 + 1, T0 + 2, T0 + 13]
     assert run(backend, lambda s: s.requests_since("other", 0)) == []
 
 
@@ -328,7 +339,7 @@ def test_prune_keeps_what_is_not_delivered(backend: Callable[[], Store]) -> None
         await s.save_mapped([rows(delivered, "{}"), rows(dead, None)])
         (row,) = await s.claim("k/1", 5, T0)
         await s.delivered([row.id], [1], "k/1", T0)
-        await s.log_requests("k", [T0])
+        await s.end_request(await s.begin_request("k", T0), T0)
         now = T0 + 30 * 86400.0
         while await s.prune(now, WINDOW, 7 * 86400.0):
             pass
@@ -344,4 +355,4 @@ def test_prune_keeps_what_is_not_delivered(backend: Callable[[], Store]) -> None
 
 
 def test_check_writable(backend: Callable[[], Store]) -> None:
-    assert run(backend, lambda s: s.check_writable()) is None
+    assert run(backend, lambda s: s.check_writable(1024)) is None

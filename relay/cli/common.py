@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
 from relay.errors import ConfigError, StoreError
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from relay.config import Config, Source
+    from relay.storage import Store
+
+T = TypeVar("T")
 
 
 def fail(message: str) -> NoReturn:
@@ -72,25 +74,36 @@ def open_database(config: Config) -> None:
     """Open (or create) the database and bring its schema up to date, before serving: a file
     the relay cannot use is one line naming file, key and reason, not a failed start-up."""
     from relay.config import config_error
-    from relay.db import connect, migrate
 
     try:
-        conn = connect(config.relay.database)
-        try:
-            migrate(conn)
-        finally:
-            conn.close()
+        with_store(config, _nothing, create=True)
     except StoreError as e:
         raise config_error(config, "relay.database", str(e)) from None
 
 
-def reader(config: Config) -> sqlite3.Connection:
-    """A read connection to the relay's database; a read command never creates one."""
-    from relay.store import Store
+async def _nothing(store: Store) -> None:
+    return None
 
-    if not config.relay.database.exists():
+
+def with_store(config: Config, fn: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
+    """Run `fn` with the relay's store open (schema brought up to date first). Without
+    `create`, a missing database is one line and exit 1: a read command never creates one."""
+    import asyncio
+
+    from relay.storage import open_store
+
+    if not create and not config.relay.database.exists():
         fail(f"no database at {config.relay.database} yet (has the relay run?)")
-    return Store.reader_of(config.relay.database)
+
+    async def run() -> T:
+        store = open_store(config.relay.database)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
 
 
 def source_named(config: Config, name: str) -> Source:

@@ -11,8 +11,8 @@ from relay.cli.common import (
     config_option,
     fail,
     load,
-    reader,
     source_named,
+    with_store,
 )
 from relay.errors import ConfigError
 
@@ -90,7 +90,6 @@ def map_command(
     import time
     from pathlib import Path
 
-    from relay import deadletters
     from relay.errors import WebhookError
     from relay.mapping import load_mapping
     from relay.providers.base import WebhookRequest
@@ -101,17 +100,14 @@ def map_command(
         fail("give a WEBHOOK_FILE or --webhook ID (one of them)")
     headers: dict[str, str] = {}
     if webhook_id is not None:
-        conn = reader(config)
-        try:
-            hook = deadletters.webhook(conn, webhook_id)
-        finally:
-            conn.close()
+        wid = webhook_id
+        hook = with_store(config, lambda store: store.webhook(wid))
         if hook is None:
             fail(f"no stored webhook with id {webhook_id} (pruned, or never stored)")
-        if hook["source"] != source:
-            fail(f"webhook {webhook_id} came to source {hook['source']!r}, not {source!r}")
-        body, headers = hook["body"], dict(hook["headers"])
-        headers.setdefault("content-type", hook["content_type"])
+        if hook.source != source:
+            fail(f"webhook {webhook_id} came to source {hook.source!r}, not {source!r}")
+        body, headers = hook.body, dict(hook.headers)
+        headers.setdefault("content-type", hook.content_type)
     else:
         assert webhook_file is not None
         try:

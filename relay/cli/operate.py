@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -12,8 +13,12 @@ from relay.cli.common import (
     config_option,
     fail,
     load,
-    reader,
+    with_store,
 )
+
+if TYPE_CHECKING:
+    from relay.deadletters import DeadLetter
+    from relay.storage import Store, StoredWebhook
 
 
 def _age(seconds: float | None) -> str:
@@ -43,11 +48,8 @@ def status(config_file: str | None, as_json: bool) -> None:
     from relay.status import read_status
 
     config = load(config_file, dev_fallback=True)
-    conn = reader(config)
-    try:
-        st = read_status(conn, list(config.sources.values()))
-    finally:
-        conn.close()
+    sources = list(config.sources.values())
+    st = with_store(config, lambda store: read_status(store, sources))
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=2))
         return
@@ -86,6 +88,7 @@ def status(config_file: str | None, as_json: bool) -> None:
     click.echo(
         f"dead letters: {st.dead_letters}   dedupe keys: {st.dedupe_keys}   "
         f"stored webhooks: {st.webhooks}"
+        + (f"   not mapped yet: {st.unmapped}" if st.unmapped else "")
     )
 
 
@@ -108,11 +111,7 @@ def dl_list(config_file: str | None, limit: int, as_json: bool) -> None:
     from relay import deadletters
 
     config = load(config_file, dev_fallback=True)
-    conn = reader(config)
-    try:
-        items = deadletters.list_dead(conn, limit)
-    finally:
-        conn.close()
+    items = with_store(config, lambda store: deadletters.list_dead(store, limit))
     if as_json:
         click.echo(json.dumps([asdict(i) for i in items], indent=2))
         return
@@ -137,12 +136,13 @@ def dl_show(dead_id: int, config_file: str | None) -> None:
     from relay import deadletters
 
     config = load(config_file, dev_fallback=True)
-    conn = reader(config)
-    try:
-        dl = deadletters.get_dead(conn, dead_id)
-        hook = deadletters.webhook(conn, dl.webhook_id) if dl and dl.webhook_id else None
-    finally:
-        conn.close()
+
+    async def read(store: Store) -> tuple[DeadLetter | None, StoredWebhook | None]:
+        dl = await deadletters.get_dead(store, dead_id)
+        hook = await store.webhook(dl.webhook_id) if dl and dl.webhook_id else None
+        return dl, hook
+
+    dl, hook = with_store(config, read)
     if dl is None:
         fail(f"no dead letter with id {dead_id}")
     click.echo(f"dead letter {dl.id}")
@@ -158,11 +158,9 @@ def dl_show(dead_id: int, config_file: str | None) -> None:
     if hook is None:
         click.echo("  webhook: not stored (pruned)")
         return
-    click.echo(
-        f"  webhook {hook['id']}: received {_when(hook['received_at'])}, {hook['content_type']}"
-    )
-    click.echo("  headers: " + json.dumps(hook["headers"]))
-    text = hook["body"].decode("utf-8", "replace")
+    click.echo(f"  webhook {hook.id}: received {_when(hook.received_at)}, {hook.content_type}")
+    click.echo("  headers: " + json.dumps(hook.headers))
+    text = hook.body.decode("utf-8", "replace")
     try:
         text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
     except ValueError:
@@ -178,20 +176,14 @@ def dl_show(dead_id: int, config_file: str | None) -> None:
 def dl_replay(ids: tuple[int, ...], replay_all: bool, remap: bool, config_file: str | None) -> None:
     """Put dead letters back into the outbox (a running relay sends them within seconds)."""
     from relay import deadletters
-    from relay.store import Store
 
     if bool(ids) == replay_all:
         fail("give dead-letter IDs or --all (one of them)")
     config = load(config_file, dev_fallback=True)
-    if not config.relay.database.exists():
-        fail(f"no database at {config.relay.database} yet (has the relay run?)")
-    store = Store(config.relay.database)
-    try:
-        done, problems = store.writer.call(
-            lambda c: deadletters.replay(c, config, None if replay_all else list(ids), remap)
-        )
-    finally:
-        store.close()
+    targets = None if replay_all else list(ids)
+    done, problems = with_store(
+        config, lambda store: deadletters.replay(store, config, targets, remap)
+    )
     for p in problems:
         click.echo(p, err=True)
     click.echo(

@@ -119,7 +119,7 @@ def serve(
     """Run the gateway. SIGTERM drains and exits 0; SIGHUP reloads the mappings."""
     import dataclasses
 
-    from relay.ingest import load_mappings
+    from relay.mapping import load_mappings
     from relay.server import serve as run_server
 
     # Config, mappings and database first: a mistake in them is one line on stderr, exit 1.

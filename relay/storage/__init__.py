@@ -1,13 +1,13 @@
 """What the relay keeps, behind one interface (base.py), with one module per backend.
 
-The next store: the lean acknowledgement (the webhook and its event keys, deduped by the
-database in one statement; mapping after the commit), the rate-limit log and the unmapped set
-in the database. tests/test_storage.py runs every backend through the interface. The running
-relay still uses relay/store.py and relay/db.py until the mapper stage takes over.
+No SQL outside the backend modules: the acknowledgement, the mapper, the forwarder,
+housekeeping, status, dead letters and the CLI all use `Store`. tests/test_storage.py runs
+every backend through the interface.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.storage.base import (
@@ -50,8 +50,13 @@ __all__ = [
 ]
 
 
-def open_store(database: Path | str, busy_timeout: float = 10.0) -> Store:
-    """The store for `[relay] database` (not opened yet: await its `open`)."""
+def open_store(
+    database: Path | str,
+    busy_timeout: float = 10.0,
+    on_commit: Callable[[float], None] | None = None,
+) -> Store:
+    """The store for `[relay] database` (not opened yet: await its `open`). `on_commit` is
+    told how long each commit took."""
     from relay.storage.sqlite import SQLiteStore
 
-    return SQLiteStore(Path(database), busy_timeout)
+    return SQLiteStore(Path(database), busy_timeout, on_commit)

@@ -73,6 +73,7 @@ class Output:
     rule: int | None
     body: str | None
     error: str | None = None
+    event_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class OutboxEntry:
     source: str | None
     webhook_id: int | None
     event_key: str | None
+    event_type: str | None
     rule: int | None
     body: str | None
     state: int
@@ -125,6 +127,7 @@ class DestinationRow:
     website_id: int
     paused_reason: str | None
     paused_at: float | None
+    paused_until: float | None  # a rate limit's wait: no request before then (wall clock)
     last_success_at: float | None
     last_error: str | None
     last_error_at: float | None
@@ -176,8 +179,9 @@ class Store(abc.ABC):
     # -- the forwarder
 
     @abc.abstractmethod
-    async def queue_depths(self) -> dict[str, Queued]:
-        """Pending rows per destination (at start, and when another process may have queued)."""
+    async def queue_depths(self, destinations: Sequence[str]) -> dict[str, Queued]:
+        """Pending rows of these destinations (at start, and when another process may have
+        queued); a destination with none is left out."""
 
     @abc.abstractmethod
     async def claim(self, destination: str, limit: int, now: float) -> list[Row]:
@@ -213,7 +217,11 @@ class Store(abc.ABC):
     async def register_destination(self, name: str, key_id: str, website_id: int) -> None: ...
 
     @abc.abstractmethod
-    async def set_paused(self, names: Sequence[str], reason: str | None, now: float) -> None: ...
+    async def set_paused(
+        self, names: Sequence[str], reason: str | None, now: float, until: float | None = None
+    ) -> None:
+        """Pause (reason) or resume (None). `until`: a wait with an end (a 429's), else the
+        pause lasts until a probe succeeds."""
 
     @abc.abstractmethod
     async def set_error(self, name: str, error: str, now: float) -> None: ...
@@ -224,10 +232,17 @@ class Store(abc.ABC):
     # -- the rate-limit log (requests sent per API key)
 
     @abc.abstractmethod
-    async def log_requests(self, key_id: str, times: Sequence[float]) -> None: ...
+    async def begin_request(self, key_id: str, latest: float) -> int:
+        """A request is about to be sent with this key; until `end_request`, it counts as
+        received by the API at `latest` (the send time plus the timeout). Returns its id."""
 
     @abc.abstractmethod
-    async def requests_since(self, key_id: str, since: float) -> list[float]: ...
+    async def end_request(self, request_id: int, at: float) -> None:
+        """The request was answered at `at` (or never left: at None deletes it)."""
+
+    @abc.abstractmethod
+    async def requests_since(self, key_id: str, since: float) -> list[float]:
+        """When the API counted this key's requests, since `since`, oldest first."""
 
     # -- operators
 
@@ -246,8 +261,8 @@ class Store(abc.ABC):
         """Dead letters (id, body) back in the queue; the ids that were dead and are queued."""
 
     @abc.abstractmethod
-    async def check_writable(self) -> str | None:
-        """None when a webhook could be stored now, else why not."""
+    async def check_writable(self, need: int) -> str | None:
+        """None when a webhook of `need` bytes could be stored now, else why not."""
 
     # -- housekeeping
 

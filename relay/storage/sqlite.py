@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -34,14 +35,37 @@ from relay.storage.writer import Writer, busy
 T = TypeVar("T")
 
 _MAX_VARIABLES = 30_000  # SQLite allows 32,766 bound parameters in one statement
-READY_TIMEOUT = 2.0
+READY_WAIT = 0.5  # readiness: how long its write may wait for the lock
+
+
+def disk_problem(database: Path, need: int) -> str | None:
+    """Why a webhook of `need` bytes could not be stored for lack of disk space, if so.
+
+    A small write (the readiness write) may still fit in space SQLite holds already, while
+    the webhooks' rows need more: the free space itself is what tells."""
+    try:
+        free = shutil.disk_usage(database.parent).free
+    except OSError as e:
+        return f"cannot tell the free disk space: {e}"
+    if free >= need:
+        return None
+    return (
+        f"database or disk is full: {free} bytes free for {database}, "
+        f"less than one webhook of max_body_bytes ({need}) needs"
+    )
 
 
 class SQLiteStore(Store):
-    def __init__(self, path: Path, busy_timeout: float = 10.0):
+    def __init__(
+        self,
+        path: Path,
+        busy_timeout: float = 10.0,
+        on_commit: Callable[[float], None] | None = None,
+    ):
         self.path = path
         self.url = str(path)
         self.busy_timeout = busy_timeout
+        self.on_commit = on_commit
         self.writer: Writer | None = None
         self._prune_after = 0
 
@@ -63,6 +87,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the database {self.path}: {e}") from None
         self.writer = Writer(conn, self.path, self.busy_timeout)
+        self.writer.on_commit = self.on_commit
         self.writer.start()
 
     async def close(self) -> None:
@@ -124,8 +149,8 @@ class SQLiteStore(Store):
 
     # -- the forwarder
 
-    async def queue_depths(self) -> dict[str, Queued]:
-        return await self._read(_queue_depths)
+    async def queue_depths(self, destinations: Sequence[str]) -> dict[str, Queued]:
+        return await self._read(_queue_depths, list(destinations))
 
     async def claim(self, destination: str, limit: int, now: float) -> list[Row]:
         return await self._write(_claim, destination, limit)
@@ -156,8 +181,10 @@ class SQLiteStore(Store):
     async def register_destination(self, name: str, key_id: str, website_id: int) -> None:
         await self._write(_register_destination, name, key_id, website_id)
 
-    async def set_paused(self, names: Sequence[str], reason: str | None, now: float) -> None:
-        await self._write(_set_paused, list(names), reason, now)
+    async def set_paused(
+        self, names: Sequence[str], reason: str | None, now: float, until: float | None = None
+    ) -> None:
+        await self._write(_set_paused, list(names), reason, now, until)
 
     async def set_error(self, name: str, error: str, now: float) -> None:
         await self._write(_set_error, name, error, now)
@@ -167,8 +194,11 @@ class SQLiteStore(Store):
 
     # -- the rate-limit log
 
-    async def log_requests(self, key_id: str, times: Sequence[float]) -> None:
-        await self._write(_log_requests, key_id, list(times))
+    async def begin_request(self, key_id: str, latest: float) -> int:
+        return await self._write(_begin_request, key_id, latest)
+
+    async def end_request(self, request_id: int, at: float | None) -> None:
+        await self._write(_end_request, request_id, at)
 
     async def requests_since(self, key_id: str, since: float) -> list[float]:
         return await self._read(_requests_since, key_id, since)
@@ -187,12 +217,16 @@ class SQLiteStore(Store):
     async def requeue(self, items: Sequence[tuple[int, str]], now: float) -> list[int]:
         return await self._write(_requeue, list(items), now)
 
-    async def check_writable(self) -> str | None:
+    async def check_writable(self, need: int) -> str | None:
+        """Enough disk for one webhook, then a real write by the webhooks' own road (the
+        writer's next group), that waits for the lock as a webhook would, but only briefly:
+        another process holding the write lock makes webhooks wait, then fail."""
+        problem = disk_problem(self.path, need)
+        if problem is not None:
+            return problem
         writer = self._writer()
         try:
-            await asyncio.wait_for(writer.run(_touch), READY_TIMEOUT)
-        except TimeoutError:
-            return f"a write waited over {READY_TIMEOUT:.0f} s (database busy or locked)"
+            await writer.run(_touch, READY_WAIT)
         except StoreError as e:
             return str(e)
         return None
@@ -369,6 +403,7 @@ def _save_mapped(conn: sqlite3.Connection, mapped: list[Mapped]) -> dict[str, Qu
                     out.destination,
                     m.webhook_id,
                     out.event_key,
+                    out.event_type,
                     out.rule,
                     out.body,
                     m.created_at,
@@ -383,7 +418,8 @@ def _save_mapped(conn: sqlite3.Connection, mapped: list[Mapped]) -> dict[str, Qu
                 pending.setdefault(out.destination, []).append(m.created_at)
     _insert(
         conn,
-        "INSERT INTO outbox (destination, webhook_id, event_key, rule, body, created_at, state, "
+        "INSERT INTO outbox (destination, webhook_id, event_key, event_type, rule, body, "
+        "created_at, state, "
         "last_error, done_at) VALUES {}",
         rows,
     )
@@ -397,15 +433,17 @@ def _save_mapped(conn: sqlite3.Connection, mapped: list[Mapped]) -> dict[str, Qu
     }
 
 
-def _queue_depths(conn: sqlite3.Connection) -> dict[str, Queued]:
-    return {
-        r[0]: Queued(r[1], r[2])
-        for r in conn.execute(
-            "SELECT destination, count(*), min(created_at) FROM outbox WHERE state = ? "
-            "GROUP BY destination",
-            (PENDING,),
-        )
-    }
+def _queue_depths(conn: sqlite3.Connection, destinations: list[str]) -> dict[str, Queued]:
+    """Each destination a range of the queue index (delivered rows are not read)."""
+    out = {}
+    for name in destinations:
+        n, oldest = conn.execute(
+            "SELECT count(*), min(created_at) FROM outbox WHERE destination = ? AND state = ?",
+            (name, PENDING),
+        ).fetchone()
+        if n:
+            out[name] = Queued(n, oldest)
+    return out
 
 
 def _claim(conn: sqlite3.Connection, destination: str, limit: int) -> list[Row]:
@@ -491,11 +529,18 @@ def _register_destination(
     )
 
 
-def _set_paused(conn: sqlite3.Connection, names: list[str], reason: str | None, now: float) -> None:
+def _set_paused(
+    conn: sqlite3.Connection,
+    names: list[str],
+    reason: str | None,
+    now: float,
+    until: float | None,
+) -> None:
     conn.executemany(
-        "UPDATE destinations SET paused_reason = ?, paused_at = CASE WHEN ? IS NULL THEN NULL "
-        "ELSE COALESCE(paused_at, ?) END WHERE name = ?",
-        [(reason, reason, now, name) for name in names],
+        "UPDATE destinations SET paused_reason = ?, paused_until = ?, "
+        "paused_at = CASE WHEN ? IS NULL THEN NULL ELSE COALESCE(paused_at, ?) END "
+        "WHERE name = ?",
+        [(reason, until if reason is not None else None, reason, now, name) for name in names],
     )
 
 
@@ -514,6 +559,7 @@ def _destinations(conn: sqlite3.Connection) -> list[DestinationRow]:
             r["website_id"],
             r["paused_reason"],
             r["paused_at"],
+            r["paused_until"],
             r["last_success_at"],
             r["last_error"],
             r["last_error_at"],
@@ -522,8 +568,18 @@ def _destinations(conn: sqlite3.Connection) -> list[DestinationRow]:
     ]
 
 
-def _log_requests(conn: sqlite3.Connection, key_id: str, times: list[float]) -> None:
-    conn.executemany("INSERT INTO sent (key_id, at) VALUES (?, ?)", [(key_id, t) for t in times])
+def _begin_request(conn: sqlite3.Connection, key_id: str, latest: float) -> int:
+    row = conn.execute(
+        "INSERT INTO sent (key_id, at) VALUES (?, ?) RETURNING id", (key_id, latest)
+    ).fetchone()
+    return int(row[0])
+
+
+def _end_request(conn: sqlite3.Connection, request_id: int, at: float | None) -> None:
+    if at is None:
+        conn.execute("DELETE FROM sent WHERE id = ?", (request_id,))
+    else:
+        conn.execute("UPDATE sent SET at = ? WHERE id = ?", (at, request_id))
 
 
 def _requests_since(conn: sqlite3.Connection, key_id: str, since: float) -> list[float]:
@@ -559,7 +615,8 @@ def _counts(conn: sqlite3.Connection) -> Counts:
 
 
 _ENTRY = (
-    "SELECT o.id, o.destination, w.source, o.webhook_id, o.event_key, o.rule, o.body, o.state, "
+    "SELECT o.id, o.destination, w.source, o.webhook_id, o.event_key, o.event_type, o.rule, "
+    "o.body, o.state, "
     "o.attempts, o.last_error, o.track_id, o.created_at, o.done_at "
     "FROM outbox o LEFT JOIN webhooks w ON w.id = o.webhook_id "
 )
@@ -626,7 +683,7 @@ def _prune(
         (now - dedupe_window, step),
     ).rowcount
     removed += conn.execute(
-        "DELETE FROM sent WHERE rowid IN (SELECT rowid FROM sent WHERE at < ? LIMIT ?)",
+        "DELETE FROM sent WHERE id IN (SELECT id FROM sent WHERE at < ? LIMIT ?)",
         (now - 3600, step),
     ).rowcount
     cutoff = now - retention

@@ -17,14 +17,15 @@ import asyncio
 import concurrent.futures
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from relay.db import Checkpointer
 from relay.errors import StoreError
+from relay.storage.sqlite_schema import connect
 
 log = logging.getLogger("relay.storage")
 
@@ -37,7 +38,7 @@ BatchJob = Callable[[sqlite3.Connection, list[Any]], list[Any]]
 class _Item:
     job: Job
     future: asyncio.Future[Any]
-    queued_at: float
+    deadline: float  # when it stops waiting for the write lock (time.monotonic())
     batch: BatchJob | None = None
     arg: Any = None
 
@@ -85,9 +86,11 @@ class Writer:
 
     # -- jobs
 
-    async def run(self, job: Callable[[sqlite3.Connection], T]) -> T:
-        """Run a job in the next group and await its commit."""
-        return await self._enqueue(_Item(job, self._future(), time.monotonic()))  # type: ignore[no-any-return]
+    async def run(self, job: Callable[[sqlite3.Connection], T], wait: float | None = None) -> T:
+        """Run a job in the next group and await its commit. `wait`: how long it may wait
+        for another process's write lock (default: the busy timeout)."""
+        deadline = time.monotonic() + (self.busy_timeout if wait is None else wait)
+        return await self._enqueue(_Item(job, self._future(), deadline))  # type: ignore[no-any-return]
 
     async def apply(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.run(lambda conn: fn(conn, *args))
@@ -95,7 +98,8 @@ class Writer:
     async def batched(self, batch: BatchJob, arg: Any) -> Any:
         """One item of a batch job: every item of a group goes to one `batch` call, which
         returns one result per item (far cheaper than a job per item)."""
-        item = _Item(lambda c: batch(c, [arg])[0], self._future(), time.monotonic(), batch, arg)
+        deadline = time.monotonic() + self.busy_timeout
+        item = _Item(lambda c: batch(c, [arg])[0], self._future(), deadline, batch, arg)
         return await self._enqueue(item)
 
     def _future(self) -> asyncio.Future[Any]:
@@ -126,6 +130,8 @@ class Writer:
             except sqlite3.Error as e:
                 self._fail(group, e)
                 continue
+            if not group.items:  # each gave up waiting for the lock
+                continue
             self._execute(group)
             try:
                 seconds = await asyncio.get_running_loop().run_in_executor(
@@ -145,19 +151,25 @@ class Writer:
                 _settle(item, ok, value)
 
     async def _begin(self, group: _Group) -> None:
-        """BEGIN IMMEDIATE; while another process writes, again shortly, until the oldest job
-        of the group has waited `busy_timeout`."""
-        deadline = min(i.queued_at for i in group.items) + self.busy_timeout
+        """BEGIN IMMEDIATE; while another process writes, again shortly. A job whose deadline
+        passes meanwhile fails alone (its webhook gets 503); the others go on waiting."""
         pause = 0.001
-        while True:
+        while group.items:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
                 return
             except sqlite3.OperationalError as e:
-                left = deadline - time.monotonic()
-                if not busy(e) or left <= 0:
+                if not busy(e):
                     raise
-                await asyncio.sleep(min(pause, left))
+                now = time.monotonic()
+                late = [i for i in group.items if i.deadline <= now]
+                if late:
+                    self._fail(_Group(late), e)
+                    group.items = [i for i in group.items if i.deadline > now]
+                    if not group.items:
+                        return
+                left = min(i.deadline for i in group.items) - now
+                await asyncio.sleep(max(0.0, min(pause, left)))
                 pause = min(pause * 2, 0.02)
 
     def _commit(self) -> float:
@@ -229,3 +241,55 @@ def _settle(item: _Item, ok: bool, value: Any) -> None:
         if isinstance(value, sqlite3.Error):
             value = StoreError(f"database error: {value}")
         item.future.set_exception(value)
+
+
+class Checkpointer:
+    """Copies the write-ahead log back into the database file, beside the writer.
+
+    SQLite's own checkpoints run inside the commit that crosses 1,000 pages, and hold up every
+    webhook of the next group for as long as they copy and fsync (100 ms and more under load).
+    A PASSIVE checkpoint from a connection of its own runs while the writer goes on committing.
+    Under sustained writes the log is never fully copied at the moment a transaction starts,
+    so it would never start over and would keep growing: past `restart_pages` a RESTART
+    checkpoint makes it start over, holding up writers briefly (most of it is copied by then).
+    """
+
+    def __init__(self, path: Path, interval: float = 0.2, restart_pages: int = 16_384):
+        self.interval = interval
+        self.restart_pages = restart_pages  # 64 MB of 4 KB pages
+        self.conn = connect(path, checkpointer=True)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.checkpoints = 0
+        self.restarts = 0
+        self._thread = threading.Thread(target=self._run, name="relay-checkpoint", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        """A commit happened: a checkpoint is due within `interval`."""
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self.conn.close()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if self._stop.wait(self.interval):  # let commits gather: one checkpoint for many
+                return
+            self._wake.clear()
+            try:
+                self.checkpoint()
+            except sqlite3.Error as e:  # the next commit tries again
+                log.warning("database checkpoint failed: %s", e)
+
+    def checkpoint(self) -> None:
+        _busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.checkpoints += 1
+        if frames >= self.restart_pages and copied >= frames:
+            self.conn.execute("PRAGMA wal_checkpoint(RESTART)")
+            self.restarts += 1
