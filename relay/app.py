@@ -39,8 +39,10 @@ class Runtime:
         housekeeping_interval: float = 30.0,
         worker: int = 0,
         workers: int = 1,
+        rate_window: float = 60.0,
     ):
         self.config = config
+        self.rate_window = rate_window  # tests only: see Forwarder
         # With workers > 1, each worker process receives webhooks; worker 0 alone forwards.
         self.worker = worker
         self.workers = workers
@@ -70,7 +72,9 @@ class Runtime:
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
             headers={"user-agent": "webhook-relay"},
         )
-        self.forwarder = Forwarder(store, cfg, self.client, self.metrics)
+        self.forwarder = Forwarder(
+            store, cfg, self.client, self.metrics, window=self.rate_window
+        )
         await self.forwarder.start()
         self.mapper.on_queued = self.forwarder.queued
         await self.mapper.start()
@@ -192,8 +196,9 @@ def create_app(
     mounts: list[BaseRoute] | None = None,
     worker: int = 0,
     workers: int = 1,
+    rate_window: float = 60.0,
 ) -> Gateway:
-    runtime = Runtime(config, housekeeping_interval, worker, workers)
+    runtime = Runtime(config, housekeeping_interval, worker, workers, rate_window)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -72,9 +72,9 @@ class Gate:
 
 
 class KeyState:
-    def __init__(self, key_id: str, limit: int, clock: Callable[[], float]):
+    def __init__(self, key_id: str, limit: int, clock: Callable[[], float], window: float):
         self.key_id = key_id
-        self.limiter = SlidingWindowLimiter(limit, clock=clock)
+        self.limiter = SlidingWindowLimiter(limit, window, clock=clock)
         self.gate = Gate(key_id)
         self.rate_limited: str | None = None  # a long 429 wait under way: until when, and why
 
@@ -469,7 +469,10 @@ class Forwarder:
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        window: float = 60.0,
     ):
+        """`window`: the seconds requests_per_minute counts over; the track API's is 60 s
+        (tests shorten it, with a sandbox of the same window)."""
         self.store = store
         self.config = config
         self.settings: TrackSettings = config.track
@@ -486,7 +489,7 @@ class Forwarder:
             key = self.keys.get(dest.key_id)
             if key is None:
                 key = self.keys[dest.key_id] = KeyState(
-                    dest.key_id, self.settings.requests_per_minute, clock
+                    dest.key_id, self.settings.requests_per_minute, clock, window
                 )
             self.workers[dest.name] = Worker(self, dest, key)
 

@@ -38,6 +38,7 @@ from starlette.types import Receive, Scope, Send
 from relay.config import Secret
 from relay.errors import ConfigError
 from relay.sandbox_store import (
+    WINDOW_SECONDS,
     Event,
     EventStore,
     FaultRule,
@@ -265,13 +266,14 @@ class Sandbox:
         monthly_quota: int | None,
         plan: str,
         clock: Callable[[], float],
+        window: float = WINDOW_SECONDS,
     ):
         self._keys = {hashlib.sha256(k.encode()).hexdigest(): Secret(k) for k in api_keys}
         self.website_ids = frozenset(website_ids)
         self.monthly_quota = monthly_quota
         self.plan = plan
         self.store = EventStore(database)
-        self.window = RateWindow(requests_per_minute, clock)
+        self.window = RateWindow(requests_per_minute, clock, window)
         self.requests = RequestLog()
         self.faults = Faults()
 
@@ -437,8 +439,10 @@ def create_app(
     monthly_quota: int | None = None,
     plan: str = "pro",
     clock: Callable[[], float] = time.monotonic,
+    window: float = WINDOW_SECONDS,
 ) -> Starlette:
-    """The sandbox track API as a Starlette app; every key owns every website listed."""
+    """The sandbox track API as a Starlette app; every key owns every website listed.
+    `window` (seconds the rate limit counts over) is for tests only: the API's is 60 s."""
     if not api_keys:
         raise ConfigError(None, "api_keys", "at least one API key is needed")
     if not website_ids:
@@ -450,7 +454,7 @@ def create_app(
     if plan not in ("pro", "free"):
         raise ConfigError(None, "plan", f"must be 'pro' or 'free', not {plan!r}")
     sandbox = Sandbox(
-        api_keys, website_ids, requests_per_minute, database, monthly_quota, plan, clock
+        api_keys, website_ids, requests_per_minute, database, monthly_quota, plan, clock, window
     )
 
     @asynccontextmanager

@@ -182,22 +182,24 @@ class EventStore:
 
 
 class RateWindow:
-    """A sliding 60 s log of request times per key (not a fixed window, not a token bucket)."""
+    """A sliding 60 s log of request times per key (not a fixed window, not a token bucket).
+    Tests may shorten the window, to see it roll over in seconds."""
 
-    def __init__(self, limit: int, clock: Callable[[], float]):
+    def __init__(self, limit: int, clock: Callable[[], float], window: float = WINDOW_SECONDS):
         self.limit = limit
         self.clock = clock
+        self.window = window
         self._hits: dict[str, deque[float]] = {}
 
     def hit(self, key_fp: str) -> int | None:
         """Count one request and return None, or refuse it and return Retry-After seconds."""
         now = self.clock()
         hits = self._hits.setdefault(key_fp, deque())
-        while hits and hits[0] + WINDOW_SECONDS <= now:
+        while hits and hits[0] + self.window <= now:
             hits.popleft()
         if len(hits) >= self.limit:
             # Rounding first keeps float noise (29.000000001) from adding a second.
-            return max(1, math.ceil(round(hits[0] + WINDOW_SECONDS - now, 6)))
+            return max(1, math.ceil(round(hits[0] + self.window - now, 6)))
         hits.append(now)
         return None
 

@@ -171,9 +171,12 @@ def wait_mapped(db: Path, timeout: float = 10.0) -> None:
 class Relay:
     """The relay under uvicorn in a thread; `restart()` keeps its database."""
 
-    def __init__(self, config_path: Path, housekeeping_interval: float = 30.0):
+    def __init__(
+        self, config_path: Path, housekeeping_interval: float = 30.0, rate_window: float = 60.0
+    ):
         self.config_path = config_path
         self.housekeeping_interval = housekeeping_interval
+        self.rate_window = rate_window
         self.server: ThreadedServer | None = None
         self.port: int | None = None
         self.client = httpx.Client(timeout=30)
@@ -184,7 +187,11 @@ class Relay:
 
     def start(self) -> Relay:
         config = load_config(self.config_path)
-        self.app = create_app(config, housekeeping_interval=self.housekeeping_interval)
+        self.app = create_app(
+            config,
+            housekeeping_interval=self.housekeeping_interval,
+            rate_window=self.rate_window,
+        )
         self.server = ThreadedServer(self.app, self.port).start()
         self.port = self.server.port
         return self
@@ -230,6 +237,7 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
         track: str = "",
         relay: str = "",
         housekeeping_interval: float = 30.0,
+        rate_window: float = 60.0,
         start: bool = True,
     ) -> Relay:
         path = tmp_path / f"relay{len(started)}.toml"
@@ -242,7 +250,7 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
                 relay=relay,
             )
         )
-        r = Relay(path, housekeeping_interval)
+        r = Relay(path, housekeeping_interval, rate_window)
         started.append(r)
         return r.start() if start else r
 
