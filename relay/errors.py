@@ -9,7 +9,6 @@
     │   ├── PayloadTooLarge                413 payload_too_large
     │   ├── RequestTimeout                 408 request_timeout (the body came too slowly)
     │   └── Unavailable(reason)            503 unavailable (the sender should retry)
-    ├── MappingError(reason)               a template failed on one event
     └── StoreError                         the database could not do what was asked
 
 Reasons are for logs and operators: they never contain a secret.
@@ -83,10 +82,6 @@ class RequestTimeout(WebhookError):
 class Unavailable(WebhookError):
     status = 503
     code = "unavailable"
-
-
-class MappingError(RelayError):
-    """A mapping template could not be rendered for one event."""
 
 
 class StoreError(RelayError):

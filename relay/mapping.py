@@ -134,8 +134,6 @@ class Rule:
 
     index: int
     on: tuple[str, ...]
-    condition: str | None  # the `if` expression as written
-    name_source: str
     line: int | None
     if_field: _Field | None
     name_field: _Field
@@ -412,8 +410,6 @@ def _compile_rule(index: int, raw: dict[str, Any], fail: Fail, lines: KeyLines) 
     return Rule(
         index=index,
         on=tuple(patterns),
-        condition=condition,
-        name_source=raw["name"],
         line=lines.line(at),
         if_field=if_field,
         name_field=name_field,
