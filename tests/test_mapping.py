@@ -151,7 +151,7 @@ def test_rule_attributes_and_provider(make_mapping: MakeMapping) -> None:
     assert m.provider == "stripe"
     (rule,) = m.rules
     assert (rule.index, rule.on) == (0, ("a.*", "b"))
-    assert rule.name_source == "{{ type | replace('.', '_') }}"
+    assert rule.name_field.source == "{{ type | replace('.', '_') }}"
     assert m.rule_label(0) == 'events[0] (on "a.*", "b")'
     assert only(apply(m, ev("a.x"))).name == "a_x"
 
