@@ -142,12 +142,14 @@ def wait_delivered(sandbox: Sandbox, n: int, timeout: float) -> list[str]:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
 def test_sigkill_three_times_under_load_loses_nothing_acknowledged(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
     sandbox.fault(latency_ms=30)  # so that batches are in flight when the kill comes
-    relay = relay_process(sandbox, track='flush_interval = "50ms"\nmax_backoff = "500ms"')
+    relay = relay_process(
+        sandbox,
+        track='flush_interval = "50ms"\nmax_backoff = "500ms"\nrequests_per_minute = 6000',
+    )
     relay.start()
     sender = Sender(relay.port, 2000)
     sender.start()
@@ -171,7 +173,6 @@ def test_sigkill_three_times_under_load_loses_nothing_acknowledged(
     assert sender.statuses[200] == 2000
 
 
-@pytest.mark.slow
 def test_sigterm_under_load_exits_0_and_loses_nothing(
     sandbox: Sandbox, relay_process: Callable[..., RelayProcess]
 ) -> None:
