@@ -220,7 +220,7 @@ class Writer:
 
     def _fail(self, group: _Group, e: sqlite3.Error) -> None:
         self.failed_commits += 1
-        reason = "another process holds the database's write lock" if busy(e) else str(e)
+        reason = "database is locked (another process holds its write lock)" if busy(e) else str(e)
         self.last_error = reason
         log.error("database write failed: %s", reason)
         error = StoreError(f"database write failed: {reason}")
