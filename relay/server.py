@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import socket
-import sys
 import types
 from typing import Any, ClassVar
 
@@ -223,10 +222,6 @@ def serve(
     if role is None and config.relay.workers > 1:
         supervisor = Supervisor(config, host, port, config.relay.workers, log_format, log_level)
         return supervisor.run()
-    # The writer thread gives up the GIL around every SQLite step and must win it back from
-    # the event loop; at the default 5 ms switch interval each of those waits can cost up to
-    # 5 ms, and webhooks waiting on the commit wait with it.
-    sys.setswitchinterval(0.0005)
     if role is None:
         server = build_server(config, host, port, mounts)
         server.run()
