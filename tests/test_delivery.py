@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from relay import store as ops
-from tests.conftest import MAPPINGS, STRIPE_SECRET, Relay, Sandbox, stripe_event, stripe_post
+from relay.storage import (
+    DEAD,
+    DELIVERED,
+    PENDING,
+    Incoming,
+    Mapped,
+    Output,
+    Store,
+    open_store,
+)
+from tests.conftest import (
+    MAPPINGS,
+    STRIPE_SECRET,
+    Relay,
+    Sandbox,
+    stripe_event,
+    stripe_post,
+    wait_mapped,
+)
+
+T = TypeVar("T")
 
 
 def outbox_states(db: Path) -> dict[int, int]:
@@ -42,6 +63,20 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, step: float
     return predicate()
 
 
+def with_store(db: Path, body: Callable[[Store], Awaitable[T]]) -> T:
+    """Run `body` on a store of its own over the file `db` (the relay's, once it stopped)."""
+
+    async def main() -> T:
+        store = open_store(db)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
 def test_flaky_slow_api_still_gets_every_event_exactly_once(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -49,13 +84,14 @@ def test_flaky_slow_api_still_gets_every_event_exactly_once(
     sandbox.fault(latency_ms=200)
     relay = relay_factory(sandbox, track='max_backoff = "1s"\nflush_interval = "200ms"')
     order_ids = post_events(relay, 500)
-    assert wait_until(lambda: len(sandbox.events()) >= 500, timeout=90)
-    time.sleep(0.5)
+    db = relay.db
+    # Every row recorded as delivered: nothing is left to send, so the sandbox holds all the
+    # relay will ever send.
+    assert wait_until(lambda: outbox_states(db) == {DELIVERED: 500}, timeout=90), outbox_states(db)
     delivered = [e["payload"]["order_id"] for e in sandbox.events()]
     assert sorted(delivered) == sorted(order_ids)  # all of them, none twice
     log = sandbox.requests()
     assert log["by_status"].get("500", 0) > 0  # the faults really happened
-    assert outbox_states(relay.config.relay.database) == {ops.DELIVERED: 500}
 
 
 def test_401_pauses_keeps_everything_then_delivers_once_cleared(
@@ -69,12 +105,11 @@ def test_401_pauses_keeps_everything_then_delivers_once_cleared(
     assert list(ready["paused"].values()) == ["HTTP 401 unauthorized"]
     time.sleep(2.5)  # a few probes, all refused
     assert sandbox.events() == []
-    assert outbox_states(relay.config.relay.database) == {ops.PENDING: 10}
+    assert outbox_states(relay.db) == {PENDING: 10}
     probes = sandbox.requests()["by_status"]["401"]
     assert 2 <= probes <= 6  # probing with backoff, not hammering
     sandbox.clear_faults()
-    assert wait_until(lambda: len(sandbox.events()) >= 10, timeout=10)
-    time.sleep(0.3)
+    assert wait_until(lambda: outbox_states(relay.db) == {DELIVERED: 10}, timeout=10)
     assert sorted(e["payload"]["order_id"] for e in sandbox.events()) == sorted(order_ids)
     assert relay.runtime.forwarder.paused() == {}
     assert httpx.get(f"{relay.url}/readyz").json()["paused"] == {}
@@ -91,8 +126,10 @@ def test_402_and_403_pause_every_destination_of_the_key(
     post_events(relay, 3, "site1")
     assert wait_until(lambda: len(relay.runtime.forwarder.paused()) == 2, timeout=5)
     post_events(relay, 3, "site2")
-    time.sleep(0.5)
+    wait_mapped(relay.db)
+    time.sleep(0.3)  # three flush intervals: website 2's batch is due, and held back
     assert sandbox.events(2) == []  # website 2 shares the key: it waits too
+    assert outbox_states(relay.db) == {PENDING: 6}
     sandbox.clear_faults()
     assert wait_until(
         lambda: len(sandbox.events(1)) == 3 and len(sandbox.events(2)) == 3, timeout=10
@@ -139,8 +176,10 @@ def test_invalid_events_are_found_by_bisection_and_dead_lettered(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
     """The relay's own mapping never makes an invalid event (it fits them first), so the three
-    invalid ones are written into the outbox directly, as one batch with 22 valid ones."""
-    relay = relay_factory(sandbox, track='flush_interval = "10s"')
+    invalid ones are written into the outbox directly, as one batch with 22 valid ones, by
+    another connection to the relay's file (as another process would): the forwarder finds
+    them when its queue has looked empty for a while."""
+    relay = relay_factory(sandbox, track='flush_interval = "10s"')  # 25: a full batch at once
     dest = relay.config.sources["stripe"].destination.name
     bodies = []
     for i in range(25):
@@ -153,31 +192,29 @@ def test_invalid_events_are_found_by_bisection_and_dead_lettered(
                 event["visitor_id"] = "not-a-uuid"
         bodies.append(json.dumps(event))
     now = time.time()
-
-    def insert(conn: sqlite3.Connection) -> list[int]:
-        return [
-            int(
-                conn.execute(
-                    "INSERT INTO outbox (destination, body, created_at) VALUES (?, ?, ?)",
-                    (dest, b, now),
-                ).lastrowid
-                or 0
-            )
-            for b in bodies
-        ]
-
-    ids = relay.runtime.store.writer.call(insert)
-    relay.runtime.forwarder.notify(dest)
-    assert wait_until(
-        lambda: (
-            outbox_states(relay.config.relay.database).get(ops.PENDING, 0) == 0
-            and outbox_states(relay.config.relay.database).get(ops.IN_FLIGHT, 0) == 0
-        )
-    )
+    db = relay.db
+    conn = sqlite3.connect(db)
+    try:
+        with conn:  # one transaction: the forwarder sees all 25 or none
+            ids = [
+                int(
+                    conn.execute(
+                        "INSERT INTO outbox (destination, body, created_at) VALUES (?, ?, ?)",
+                        (dest, b, now),
+                    ).lastrowid
+                    or 0
+                )
+                for b in bodies
+            ]
+    finally:
+        conn.close()
+    assert wait_until(lambda: set(outbox_states(db)) == {DELIVERED, DEAD})
     delivered = sorted(int(e["payload"]["n"]) for e in sandbox.events())
     assert delivered == [i for i in range(25) if i not in (3, 11, 19)]
-    conn = sqlite3.connect(relay.config.relay.database)
-    dead = conn.execute("SELECT id, last_error FROM outbox WHERE state = 3 ORDER BY id").fetchall()
+    conn = sqlite3.connect(db)
+    dead = conn.execute(
+        "SELECT id, last_error FROM outbox WHERE state = ? ORDER BY id", (DEAD,)
+    ).fetchall()
     conn.close()
     assert [d[0] for d in dead] == [ids[3], ids[11], ids[19]]
     assert all("validation_error" in d[1] for d in dead)
@@ -203,8 +240,8 @@ def test_broken_answers_are_retried(sandbox: Sandbox, relay_factory: Callable[..
         sandbox, track='flush_interval = "100ms"\ntimeout = "500ms"\nmax_backoff = "500ms"'
     )
     order_ids = post_events(relay, 4)
-    assert wait_until(lambda: len(sandbox.events()) >= 4, timeout=15)
-    time.sleep(2)
+    # Every row recorded as delivered: nothing is left to send again.
+    assert wait_until(lambda: outbox_states(relay.db) == {DELIVERED: 4}, timeout=15)
     assert sorted(e["payload"]["order_id"] for e in sandbox.events()) == sorted(order_ids)
 
 
@@ -219,7 +256,7 @@ def test_events_too_old_go_to_the_dead_letter_queue_with_the_last_error(
     )
     post_events(relay, 3)
     db = relay.config.relay.database
-    assert wait_until(lambda: outbox_states(db) == {ops.DEAD: 3}, timeout=10)
+    assert wait_until(lambda: outbox_states(db) == {DEAD: 3}, timeout=10)
     conn = sqlite3.connect(db)
     reasons = [r[0] for r in conn.execute("SELECT last_error FROM outbox")]
     conn.close()
@@ -227,60 +264,94 @@ def test_events_too_old_go_to_the_dead_letter_queue_with_the_last_error(
     assert sandbox.events() == []
 
 
+PRUNE_STEP = 500  # rows of each kind one prune step removes at most (SQLiteStore)
+
+
 def test_retention_prunes_in_small_steps(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
     relay = relay_factory(sandbox, track='flush_interval = "100ms"')
     post_events(relay, 30)
-    assert wait_until(lambda: len(sandbox.events()) == 30)
-    db = relay.config.relay.database
+    db = relay.db
+    assert wait_until(lambda: outbox_states(db) == {DELIVERED: 30})
+    dest = relay.config.sources["stripe"].destination
     relay.stop()
-    # Eight days later, seen from the database's side: everything is past retention.
+    n = 3 * PRUNE_STEP  # with the relay's 30, more than three steps' worth of webhooks
+    t0 = time.time()
+
+    async def more_delivered_webhooks(s: Store) -> None:
+        ingested = await asyncio.gather(
+            *(
+                s.ingest(Incoming("stripe", t0, "application/json", "{}", b"{}", [f"k{i}"], 60))
+                for i in range(n)
+            )
+        )
+        mapped = [
+            Mapped(i.webhook_id, t0, [Output(dest.name, i.accepted[0], 0, '{"name":"x"}')])
+            for i in ingested
+            if i.webhook_id is not None
+        ]
+        assert len(mapped) == n
+        await s.save_mapped(mapped)
+        rows = await s.claim(dest.name, n, t0)
+        assert len(rows) == n
+        await s.delivered([r.id for r in rows], [None] * n, dest.name, t0)
+
+    with_store(db, more_delivered_webhooks)
+
+    async def prune_eight_days_later(s: Store) -> list[tuple[int, int, int]]:
+        later = time.time() + 8 * 86400  # everything is past retention then
+        before = await s.counts()
+        steps = [(0, before.webhooks, before.dedupe_keys)]
+        while removed := await s.prune(later, 48 * 3600, 7 * 86400):
+            c = await s.counts()
+            steps.append((removed, c.webhooks, c.dedupe_keys))
+        assert await s.requests_since(dest.key_id, 0) == []  # the request log too
+        c = await s.counts()
+        assert c.by_state == {} and c.webhooks == 0 and c.dedupe_keys == 0
+        return steps
+
+    steps = with_store(db, prune_eight_days_later)
+    assert steps[0][1:] == (n + 30, n + 30)
+    assert len(steps) > 4  # the first line is the start
+    for (_, webhooks, keys), (removed, webhooks_after, keys_after) in pairwise(steps):
+        assert 0 <= webhooks - webhooks_after <= PRUNE_STEP, steps
+        assert 0 <= keys - keys_after <= PRUNE_STEP, steps
+        assert removed > 0
     conn = sqlite3.connect(db)
-    conn.execute("UPDATE webhooks SET received_at = received_at - 8 * 86400")
-    conn.execute("UPDATE dedupe SET seen_at = seen_at - 8 * 86400")
-    conn.execute(
-        "UPDATE outbox SET done_at = done_at - 8 * 86400, created_at = created_at - 8 * 86400"
-    )
-    conn.commit()
-    steps = []
-    while True:
-        n = ops.prune(conn, time.time(), 48 * 3600, 7 * 86400, step=7)
-        conn.commit()
-        if not n:
-            break
-        steps.append(n)
-    assert len(steps) > 3 and max(steps) <= 7 * 3
-    for table in ("webhooks", "events", "dedupe", "outbox"):
-        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
-    conn.close()
+    try:
+        for table in ("webhooks", "dedupe", "outbox", "unmapped", "sent"):
+            assert conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0, table
+    finally:
+        conn.close()
 
 
 def test_retention_keeps_dead_letters_and_their_webhooks(tmp_path: Path) -> None:
-    from relay.db import connect, migrate
-
-    conn = connect(tmp_path / "r.db")
-    migrate(conn)
     old = time.time() - 30 * 86400
-    conn.execute(
-        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
-        "VALUES (1, 's', ?, 'application/json', '{}', x'7b7d')",
-        (old,),
-    )
-    conn.execute(
-        "INSERT INTO events (id, webhook_id, source, key, type, outcome, received_at) "
-        "VALUES (1, 1, 's', 'k', 't', 'mapped', ?)",
-        (old,),
-    )
-    conn.execute(
-        "INSERT INTO outbox (destination, event_id, body, created_at, state, done_at) "
-        "VALUES ('d', 1, '{}', ?, 3, ?)",
-        (old, old),
-    )
-    while ops.prune(conn, time.time(), 48 * 3600, 7 * 86400):
-        pass
-    assert conn.execute("SELECT count(*) FROM webhooks").fetchone()[0] == 1
-    assert conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
+
+    def webhook(key: str) -> Incoming:
+        return Incoming("s", old, "application/json", "{}", b"{}", [key], 48 * 3600)
+
+    async def body(s: Store) -> None:
+        await s.register_destination("d", "k", 1)
+        dead = (await s.ingest(webhook("dead"))).webhook_id
+        gone = (await s.ingest(webhook("delivered"))).webhook_id
+        assert dead is not None and gone is not None
+        await s.save_mapped(
+            [Mapped(w, old, [Output("d", k, 0, "{}")]) for w, k in ((dead, "dead"), (gone, "x"))]
+        )
+        first, second = await s.claim("d", 2, old)
+        await s.dead_letter([first.id], "validation_error: refused", old)
+        await s.delivered([second.id], [7], "d", old)
+        while await s.prune(time.time(), 48 * 3600, 7 * 86400):
+            pass
+        assert await s.webhook(dead) is not None  # kept with its dead letter
+        assert [d.id for d in await s.dead_letters()] == [first.id]
+        assert await s.webhook(gone) is None  # retention did run
+        c = await s.counts()
+        assert c.webhooks == 1 and c.by_state == {"d": {DEAD: 1}} and c.dedupe_keys == 0
+
+    with_store(tmp_path / "r.db", body)
 
 
 def test_dedupe_keys_expire_after_the_window(
@@ -288,10 +359,14 @@ def test_dedupe_keys_expire_after_the_window(
 ) -> None:
     relay = relay_factory(sandbox, relay='dedupe_window = "1s"\nretention = "1s"')
     event = stripe_event()
+    started = time.time()
     assert relay.post("stripe", *stripe_post(event)).json()["accepted"] == 1
     assert relay.post("stripe", *stripe_post(event)).json()["duplicates"] == 1
-    time.sleep(1.2)
-    assert relay.post("stripe", *stripe_post(event)).json()["accepted"] == 1
+    # A duplicate does not renew the key: the event is new again once the window is over.
+    assert wait_until(
+        lambda: relay.post("stripe", *stripe_post(event)).json()["accepted"] == 1, timeout=5
+    )
+    assert time.time() - started >= 1.0  # not before
 
 
 def test_shutdown_does_not_wait_out_the_rate_limit_window(
@@ -301,8 +376,13 @@ def test_shutdown_does_not_wait_out_the_rate_limit_window(
     post_events(relay, 3)
     assert wait_until(lambda: len(sandbox.events()) == 3)
     post_events(relay, 3)  # these wait for the next minute's slot
-    time.sleep(0.5)
+    dest = relay.config.sources["stripe"].destination.name
+    metrics = relay.runtime.metrics.registry
+    waits = {"destination": dest}
+    assert wait_until(  # the worker waits for the rate limit's next slot now
+        lambda: (metrics.get_sample_value("relay_rate_limit_waits_total", waits) or 0) >= 1
+    )
     started = time.monotonic()
     relay.stop()
     assert time.monotonic() - started < 3  # not the 10 s grace, not the 60 s window
-    assert outbox_states(relay.config.relay.database) == {ops.DELIVERED: 3, ops.PENDING: 3}
+    assert outbox_states(relay.db) == {DELIVERED: 3, PENDING: 3}

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay import store as ops
+from relay.storage import DEAD, DELIVERED, IN_FLIGHT
 from tests.conftest import Relay, Sandbox
 from tests.test_delivery import outbox_states, post_events, wait_until
 
@@ -40,11 +40,11 @@ def answered(sandbox: Sandbox, status: int) -> int:
     ("fault", "events", "status", "expected", "kept"),
     [
         # 200 while the store refuses: recorded as delivered once it works, never re-sent.
-        ({}, 5, 200, {ops.DELIVERED: 5}, 5),
+        ({}, 5, 200, {DELIVERED: 5}, 5),
         # 401: the batch goes back to the queue once the store works; delivered after the pause.
-        ({"status": 401, "count": 1}, 5, 401, {ops.DELIVERED: 5}, 5),
+        ({"status": 401, "count": 1}, 5, 401, {DELIVERED: 5}, 5),
         # 400 for a lone event: it becomes a dead letter once the store works.
-        ({"status": 400, "count": 1}, 1, 400, {ops.DEAD: 1}, 0),
+        ({"status": 400, "count": 1}, 1, 400, {DEAD: 1}, 0),
     ],
     ids=["delivered", "paused", "dead-letter"],
 )
@@ -61,14 +61,21 @@ def test_an_outcome_the_store_refused_is_recorded_once_it_works_again(
     if fault:
         sandbox.fault(latency_ms=1500)
     relay = relay_factory(sandbox, track='flush_interval = "100ms"\nmax_backoff = "1s"')
-    relay.runtime.store.writer.busy_timeout = 0.2  # store writes fail fast while locked
+    writer = relay.runtime.store.writer
+    writer.busy_timeout = 0.2  # store writes fail fast while locked
+    worker = relay.runtime.forwarder.workers[relay.config.sources["stripe"].destination.name]
     db = relay.db
     order_ids = post_events(relay, events)
-    assert wait_until(lambda: outbox_states(db).get(ops.IN_FLIGHT, 0) == events, timeout=5)
+    assert wait_until(lambda: outbox_states(db).get(IN_FLIGHT, 0) == events, timeout=5)
     with write_lock(db):
         assert wait_until(lambda: answered(sandbox, status) == 1, timeout=5)
-        time.sleep(1.5)  # the relay tries to record the answer, and retries, in vain
-        assert outbox_states(db).get(ops.IN_FLIGHT, 0) == events  # nothing recorded yet
+        failed = writer.failed_commits
+        # The relay tries to record the answer, and tries again, in vain: the outcome waits in
+        # memory (besides the request log's write, which is tried once, two tries failed).
+        assert wait_until(
+            lambda: bool(worker.unrecorded) and writer.failed_commits >= failed + 3, timeout=5
+        )
+        assert outbox_states(db).get(IN_FLIGHT, 0) == events  # nothing recorded yet
     # The store works again: the known outcome sticks, without a restart.
     assert wait_until(lambda: outbox_states(db) == expected, timeout=15), outbox_states(db)
     time.sleep(1.0)  # a second send would have arrived by now

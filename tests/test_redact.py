@@ -13,11 +13,11 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from relay import store as ops
 from relay.answers import Invalid, Pause, Retry, classify
 from relay.cli import main
 from relay.config import REDACTED, Secret, parse_config
 from relay.redact import Redactor
+from relay.storage import DEAD, DELIVERED
 from tests.conftest import API_KEY, STRIPE_SECRET, Relay, Sandbox
 from tests.test_delivery import outbox_states, post_events, wait_until
 
@@ -143,7 +143,7 @@ def test_an_api_key_echoed_by_the_track_api_is_never_kept_or_shown(
         relay = relay_factory(sandbox, track='flush_interval = "100ms"\nmax_backoff = "1s"')
         post_events(relay, 1)
         db = relay.db
-        done = {ops.DEAD: 1} if status == 400 else {ops.DELIVERED: 1}
+        done = {DEAD: 1} if status == 400 else {DELIVERED: 1}
         assert wait_until(lambda: outbox_states(db) == done, timeout=10), outbox_states(db)
         text = shown(relay)
     # the fault really echoed the key, and the relay kept what the API said, redacted
