@@ -7,11 +7,22 @@ side runs first; it is the ceiling, so the relay's set of distinct requests is s
 rate (x1.25) and the relay cannot run out of distinct events within the duration. The bare
 side runs again after the relay: the ratio uses the mean of both, and a large difference
 between them says the machine's speed changed during the run (shared virtual machines do).
+For each `--workers` N above 1 the bare app also runs once with N uvicorn processes on one
+port (SO_REUSEPORT, as the relay's workers), before the relay runs, and the relay with N
+workers is compared with it too.
 
-Afterwards the relay is stopped (gracefully, so requests under way finish) and its database is
-read: every event answered "accepted" must be there exactly once, with one outbox row each.
-Requests still under way when wrk stopped (at most one per connection) may or may not have
-been stored; they are allowed for, and shown.
+CPU per webhook: the server's CPU seconds (the process and its live descendants, from
+/proc) divided by the requests answered, in microseconds. The relay answers after the commit
+of the webhook and its dedupe keys and maps it into outbox rows a few ms later (its mapper
+thread), so its CPU is counted from wrk's start until every webhook it acknowledged is mapped
+(the `unmapped` table is empty); how many were unmapped when wrk stopped is shown.
+
+Afterwards the relay is stopped (gracefully: requests under way finish, and it maps what it
+acknowledged before it exits) and its database is read: every event answered "accepted" must
+be there exactly once: as many dedupe keys as webhooks, as outbox rows, as distinct outbox
+event keys, each row mapped and linked to its dedupe key, nothing left unmapped (see
+stack.Counts). Requests still under way when wrk stopped (at most one per connection) may or
+may not have been stored; they are allowed for, and shown.
 """
 
 from __future__ import annotations
@@ -42,6 +53,8 @@ HEADROOM = 1.25
 
 P99_TARGET_MS = 25.0
 RATIO_TARGET = 0.5
+CPU_AIM_US = 130.0  # CPU per webhook: an aim, shown without PASS/FAIL
+MAPPED_TIMEOUT = 30.0  # after wrk stopped, for the relay to map what it acknowledged
 DRIFT_WARNING = 0.15  # the bare runs before and after the relay differ more: a noisy machine
 
 
@@ -51,8 +64,24 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     raw: dict[str, Any]
-    cpu: float | None  # the server's CPU use during the run, in cores
-    wrk_cpu: float  # wrk's own, in cores
+    cpu_seconds: float | None  # the server's CPU seconds during the run
+    wrk_cpu_seconds: float  # wrk's own
+    elapsed: float  # seconds wrk ran, as the bench timed it
+    cpu_at_start: float | None = None  # the server's CPU seconds counter when wrk started
+
+    @property
+    def cpu(self) -> float | None:
+        """The server's CPU use during the run, in cores."""
+        return self.cpu_seconds / self.elapsed if self.cpu_seconds is not None else None
+
+    @property
+    def wrk_cpu(self) -> float:
+        return self.wrk_cpu_seconds / self.elapsed
+
+    @property
+    def cpu_us(self) -> float | None:
+        """The server's CPU per request answered, in microseconds."""
+        return _per_request_us(self.cpu_seconds, self.answered)
 
     @property
     def max_ms(self) -> float:
@@ -131,14 +160,14 @@ def run_wrk(port: int, prefix: Path, duration: int, pid: int) -> WrkResult:
             proc.kill()
             proc.wait()
     elapsed = time.perf_counter() - started
-    wrk_cpu = (_children_cpu() - children_before) / elapsed
+    wrk_cpu = _children_cpu() - children_before
     cpu_after = cpu_seconds(pid)
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{out[-2000:]}")
     raw = json.loads(line.removeprefix("BENCH_RESULT "))
     seconds = raw["duration_us"] / 1e6
-    cpu = (cpu_after - cpu_before) / elapsed if cpu_before is not None and cpu_after else None
+    cpu = cpu_after - cpu_before if cpu_before is not None and cpu_after else None
     return WrkResult(
         raw["requests"] / seconds,
         raw["latency_us"]["p50"] / 1000,
@@ -146,7 +175,17 @@ def run_wrk(port: int, prefix: Path, duration: int, pid: int) -> WrkResult:
         raw,
         cpu,
         wrk_cpu,
+        elapsed,
+        cpu_before,
     )
+
+
+def _per_request_us(cpu: float | None, requests: int) -> float | None:
+    return cpu / requests * 1e6 if cpu is not None and requests else None
+
+
+def _us(value: float | None) -> str:
+    return f"{value:.0f} µs" if value is not None else "?"
 
 
 def _children_cpu() -> float:
@@ -165,7 +204,7 @@ def _describe(name: str, r: WrkResult) -> str:
         f"{name}: {r.rps:,.0f} req/s, p50 {r.p50_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
         f"max {r.max_ms:.0f} ms, "
         f"{r.answered:,} answered, statuses {r.statuses}, socket errors {r.socket_errors}, "
-        f"CPU server / wrk: {_cores(r)}"
+        f"CPU server / wrk: {_cores(r)}, server CPU per request {_us(r.cpu_us)}"
     )
 
 
@@ -211,10 +250,22 @@ class RelayRun:
     result: WrkResult
     counts: stack.Counts
     commits: stack.Commits
+    cpu_seconds: float | None = None  # from wrk's start until every acknowledged one was mapped
+    unmapped_at_stop: int = 0  # acknowledged but not mapped yet when wrk stopped
+    mapped_after: float = 0.0  # seconds after wrk stopped until none was unmapped
 
     @property
     def label(self) -> str:
         return "relay" if self.workers == 1 else f"relay, {self.workers} workers"
+
+    @property
+    def cpu_us(self) -> float | None:
+        """CPU per webhook answered, mapping included, in microseconds."""
+        return _per_request_us(self.cpu_seconds, self.result.answered)
+
+
+def _bare_label(processes: int) -> str:
+    return "bare" if processes == 1 else f"bare {processes} processes"
 
 
 def run(
@@ -225,6 +276,7 @@ def run(
         py_spy_path()
     keys = stack.Secrets.fresh()
     runs: list[RelayRun] = []
+    multi: dict[int, WrkResult] = {}  # the bare app with N processes
     with Procs(workdir) as procs:
         sandbox = stack.start_sandbox(procs, workdir, "ingest-sandbox", keys, 60)
         bare, bare_port = stack.start_bare(procs)
@@ -235,9 +287,17 @@ def run(
         )
         before = run_wrk(bare_port, bare_files, duration, bare.pid)
         progress("  " + _describe("bare", before))
+        for n in sorted({n for n in workers if n > 1}):
+            label = _bare_label(n)
+            child, port = stack.start_bare(procs, f"bare-{n}p", processes=n)
+            progress(f"ingest: {label} (SO_REUSEPORT), {duration} s at {CONNECTIONS} connections")
+            multi[n] = run_wrk(port, bare_files, duration, child.pid)
+            progress("  " + _describe(label, multi[n]))
+            procs.stop(child)
 
         # Each relay run has a database of its own: the same requests are new to each.
-        distinct = max(MIN_RELAY_DISTINCT, math.ceil(before.rps * duration * HEADROOM))
+        ceiling = max([before.rps, *(r.rps for r in multi.values())])
+        distinct = max(MIN_RELAY_DISTINCT, math.ceil(ceiling * duration * HEADROOM))
         progress(f"ingest: signing {distinct:,} distinct webhooks for the relay")
         relay_files = workdir / "relay-requests"
         webhooks.write_files(relay_files, THREADS, distinct, bare_port, keys.stripe)
@@ -252,12 +312,25 @@ def run(
                 profile if not runs else None,
             )
             progress("  " + _describe("relay", r))
+            left, mapped_after = stack.wait_mapped(relay.database, MAPPED_TIMEOUT)
+            cpu_now = cpu_seconds(relay.child.pid)
+            cpu = (
+                cpu_now - r.cpu_at_start
+                if cpu_now is not None and r.cpu_at_start is not None
+                else None
+            )
+            per_webhook = _us(_per_request_us(cpu, r.answered))
+            progress(
+                f"  unmapped when wrk stopped: {left:,}, all mapped {mapped_after:.2f} s later; "
+                f"CPU per webhook answered, mapping included: {per_webhook}"
+            )
             time.sleep(0.5)  # let requests cut off by wrk's stop finish
             commits = stack.commit_histogram(relay.port)
             code = procs.stop(relay.child)
             if code != 0:
                 progress(f"  relay exited with {code} on SIGTERM:\n{relay.child.tail()}")
-            runs.append(RelayRun(n, r, stack.count_rows(relay.database), commits))
+            counts = stack.count_rows(relay.database)
+            runs.append(RelayRun(n, r, counts, commits, cpu, left, mapped_after))
         for path in workdir.glob("relay-requests.*"):
             path.unlink()
 
@@ -266,7 +339,7 @@ def run(
         progress("  " + _describe("bare", after))
         for path in workdir.glob("bare-requests.*"):
             path.unlink()
-    return rows(before, after, runs)
+    return rows(before, after, runs, multi)
 
 
 def _profiled(
@@ -290,7 +363,14 @@ def _profiled(
     return result
 
 
-def rows(before: WrkResult, after: WrkResult, runs: list[RelayRun]) -> list[Row]:
+def rows(
+    before: WrkResult,
+    after: WrkResult,
+    runs: list[RelayRun],
+    multi: dict[int, WrkResult] | None = None,
+) -> list[Row]:
+    """The table's rows; `multi` holds the bare app's runs with N processes, by N."""
+    multi = multi or {}
     bare_rps = (before.rps + after.rps) / 2
     drift = abs(before.rps - after.rps) / bare_rps
     if drift > DRIFT_WARNING:
@@ -308,45 +388,80 @@ def rows(before: WrkResult, after: WrkResult, runs: list[RelayRun]) -> list[Row]
         Row("ingest", "bare CPU (server / wrk)", f"{_cores(before)}, {_cores(after)}"),
         Row(
             "ingest",
+            "bare CPU per webhook (before / after)",
+            f"{_us(before.cpu_us)} / {_us(after.cpu_us)}",
+            f"aim <= {CPU_AIM_US:.0f} µs",
+        ),
+        Row(
+            "ingest",
             "bare p50 / p99 latency (before / after)",
             f"{before.p50_ms:.1f} / {before.p99_ms:.1f} ms, "
             f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms",
         ),
     ]
+    for n, r in sorted(multi.items()):
+        label = _bare_label(n)
+        out += [
+            Row("ingest", f"{label} requests/s", f"{r.rps:,.0f}"),
+            Row("ingest", f"{label} CPU (server / wrk)", _cores(r)),
+            Row(
+                "ingest",
+                f"{label} CPU per webhook",
+                _us(r.cpu_us),
+                f"aim <= {CPU_AIM_US:.0f} µs",
+            ),
+            Row(
+                "ingest",
+                f"{label} p50 / p99 latency",
+                f"{r.p50_ms:.1f} / {r.p99_ms:.1f} ms",
+            ),
+        ]
     for run in runs:
-        out += _run_rows(run, bare_rps)
+        out += _run_rows(run, bare_rps, multi.get(run.workers))
     return out
 
 
-def _run_rows(run: RelayRun, bare_rps: float) -> list[Row]:
+def _run_rows(run: RelayRun, bare_rps: float, bare_multi: WrkResult | None = None) -> list[Row]:
     r, counts, commits, label = run.result, run.counts, run.commits, run.label
     ratio = r.rps / bare_rps if bare_rps else 0.0
     raw = r.raw
     cut_off = raw["issued"] - r.answered  # under way when wrk stopped: stored or not
-    extra = counts.dedupe - raw["accepted"]
+    extra = counts.events - raw["accepted"]
     stored_once = (
-        counts.dedupe == counts.events == counts.distinct_event_keys == counts.webhooks
-        and counts.outbox == counts.mapped == counts.events
+        counts.stored_once
         and 0 <= extra <= cut_off
         and raw["duplicates"] <= raw["repeats"]  # only a repeated request is a duplicate
     )
     progress(
-        f"  {label} database: {counts}; answered accepted={raw['accepted']:,}, "
+        f"  {label} database: {counts.describe()}; answered accepted={raw['accepted']:,}, "
         f"duplicates={raw['duplicates']}, in flight when wrk stopped={cut_off}, "
         f"stored of those={extra}, repeated requests={raw['repeats']}"
     )
     stored = (
-        f"{counts.dedupe:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
+        f"{counts.events:,} events, {counts.outbox:,} outbox rows = {raw['accepted']:,} "
         f"answered + {extra} of {cut_off} in flight at the stop"
     )
+    if counts.unmapped:
+        stored += f"; {counts.unmapped:,} left unmapped"
     if raw["repeats"]:
         stored += f"; {raw['repeats']:,} repeats (distinct requests ran out)"
     statuses = ", ".join(f"{n:,} x {s}" for s, n in sorted(r.statuses.items()))
     if r.socket_errors:
         statuses += f", {r.socket_errors} socket errors"
-    return [
+    mapped = (
+        f"mapped {run.mapped_after:.2f} s later"
+        if math.isfinite(run.mapped_after)
+        else f"not all mapped {MAPPED_TIMEOUT:.0f} s later: CPU counted until then"
+    )
+    out = [
         Row("ingest", f"{label} requests/s", f"{r.rps:,.0f}"),
         Row("ingest", f"{label} CPU (server / wrk)", f"{_cores(r)}"),
+        Row(
+            "ingest",
+            f"{label} CPU per webhook (mapping included)",
+            f"{_us(run.cpu_us)} ({run.unmapped_at_stop:,} unmapped at the stop, {mapped})",
+            f"aim <= {CPU_AIM_US:.0f} µs",
+        ),
         Row(
             "ingest",
             f"{label} / bare requests/s",
@@ -354,6 +469,19 @@ def _run_rows(run: RelayRun, bare_rps: float) -> list[Row]:
             f">= {RATIO_TARGET}",
             ratio >= RATIO_TARGET,
         ),
+    ]
+    if bare_multi is not None:
+        multi_ratio = r.rps / bare_multi.rps if bare_multi.rps else 0.0
+        out.append(
+            Row(
+                "ingest",
+                f"{label} / {_bare_label(run.workers)} requests/s",
+                f"{multi_ratio:.2f}",
+                f">= {RATIO_TARGET}",
+                multi_ratio >= RATIO_TARGET,
+            )
+        )
+    out += [
         Row(
             "ingest",
             f"{label} p50 / p99 / max latency",
@@ -370,3 +498,4 @@ def _run_rows(run: RelayRun, bare_rps: float) -> list[Row]:
         Row("ingest", f"{label} answers", statuses or "none", "all 200", r.all_200),
         Row("ingest", f"{label} events stored once", stored, "each exactly once", stored_once),
     ]
+    return out

@@ -1,28 +1,31 @@
 """Checks of the benchmark's own parts: `python -m pytest bench -q` (a few seconds).
 
 The figures are only worth something if the requests are what they claim to be (distinct,
-~1 KB, correctly signed), the wrk script counts what it says, and the pass/fail arithmetic is
-right; these tests hold each of those.
+~1 KB, correctly signed), the wrk script counts what it says, the database counts read the
+relay's schema as it is, the bare app runs as many processes as asked, and the pass/fail
+arithmetic is right; these tests hold each of those.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench import forward, ingest, webhooks
-from bench.procs import Procs
+from bench import forward, ingest, stack, webhooks
+from bench.procs import Procs, http_get
 from bench.report import Row, render
 from bench.stack import Commits, Counts, start_bare
 from relay.config import Secret
 from relay.errors import InvalidSignature
 from relay.providers.base import WebhookRequest
 from relay.providers.stripe import StripeProvider
+from relay.storage.sqlite_schema import migrate
 
 SECRET = "whsec_" + "ab" * 16
 # 100 commits: 90 within 10 ms, 6 more within 25 ms, 3 within 100 ms, the slowest in 0.25-0.5 s
@@ -114,15 +117,23 @@ def test_forward_refuses_a_backlog_shorter_than_a_minute() -> None:
     assert forward.check_options(events=20_000, rpm=60, speedup=10) == 600
 
 
-def _counts(n: int, delivered: int = 0, outbox: int | None = None) -> Counts:
+def _counts(
+    n: int,
+    delivered: int = 0,
+    outbox: int | None = None,
+    unmapped: int = 0,
+    keys: int | None = None,
+) -> Counts:
+    rows = n if outbox is None else outbox
     return Counts(
         webhooks=n,
         dedupe=n,
-        events=n,
-        distinct_event_keys=n,
-        mapped=n,
-        outbox=n if outbox is None else outbox,
-        outbox_by_state={2: delivered, 0: n - delivered},
+        unmapped=unmapped,
+        outbox=rows,
+        distinct_event_keys=rows if keys is None else keys,
+        mapped=rows,
+        linked=rows,
+        outbox_by_state={2: delivered, 0: rows - delivered},
     )
 
 
@@ -135,6 +146,7 @@ def _wrk(
     statuses: dict[str, int] | None = None,
     duplicates: int = 0,
     repeats: int = 0,
+    cpu: float | None = 5.0,
 ) -> ingest.WrkResult:
     raw = {
         "requests": answered,
@@ -146,7 +158,7 @@ def _wrk(
         "by_status": statuses if statuses is not None else {"200": answered},
         "latency_us": {"max": 90_000},
     }
-    return ingest.WrkResult(rps, 5.0, p99, raw, 1.0, 0.1)
+    return ingest.WrkResult(rps, 5.0, p99, raw, cpu, 0.5, 5.0)
 
 
 def _by_measure(rows: list[Row]) -> dict[str, Row]:
@@ -170,6 +182,8 @@ def test_ingest_passes_when_every_answer_was_stored_once() -> None:
         _counts(999),  # an accepted event is missing
         _counts(1065),  # more stored than were ever sent
         _counts(1000, outbox=1001),  # an event queued twice
+        _counts(1000, outbox=1001, keys=1000),  # one event key with two outbox rows
+        _counts(1000, unmapped=1),  # one webhook acknowledged and never mapped
     ],
 )
 def test_ingest_fails_when_storage_does_not_match_the_answers(counts: Counts) -> None:
@@ -185,6 +199,104 @@ def test_ingest_fails_on_any_answer_but_200_and_on_slow_p99() -> None:
     )
     assert rows["relay answers"].ok is False
     assert rows["relay p50 / p99 / max latency"].ok is False
+
+
+def test_ingest_shows_cpu_per_webhook_and_compares_n_workers_with_n_bare_processes() -> None:
+    bare = _wrk(10_000, 10_064, 0, rps=2000, cpu=0.5)  # 50 µs a request
+    multi = _wrk(20_000, 20_064, 0, rps=4000, cpu=0.8)  # 40 µs
+    one = ingest.RelayRun(1, _wrk(1000, 1064, 1000, rps=1500), _counts(1030), COMMITS, 0.12)
+    two = ingest.RelayRun(2, _wrk(1000, 1064, 1000), _counts(1030), COMMITS, 0.26, 3, 0.01)
+    rows = _by_measure(ingest.rows(bare, bare, [one, two], {2: multi}))
+    cpu = rows["bare CPU per webhook (before / after)"]
+    assert (cpu.value, cpu.target, cpu.ok) == ("50 µs / 50 µs", "aim <= 130 µs", None)
+    assert rows["bare 2 processes CPU per webhook"].value == "40 µs"
+    assert rows["bare 2 processes requests/s"].value == "4,000"
+    assert rows["relay CPU per webhook (mapping included)"].value.startswith("120 µs")
+    two_cpu = rows["relay, 2 workers CPU per webhook (mapping included)"]
+    assert two_cpu.value == "260 µs (3 unmapped at the stop, mapped 0.01 s later)"
+    assert rows["relay, 2 workers / bare requests/s"].value == "0.50"
+    versus = rows["relay, 2 workers / bare 2 processes requests/s"]
+    assert (versus.value, versus.ok) == ("0.25", False)
+    assert "relay / bare 1 processes requests/s" not in rows
+    assert not [m for m in rows if m.startswith("relay / bare ") and "process" in m]
+
+
+def _relay_database(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn)
+    return conn
+
+
+def _store_webhook(conn: sqlite3.Connection, n: int, mapped: bool, key: str | None = None) -> None:
+    conn.execute(
+        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
+        "VALUES (?, 'stripe', 1.0, 'application/json', '{}', x'7b7d')",
+        (n,),
+    )
+    conn.execute(
+        "INSERT INTO dedupe (source, key, seen_at, webhook_id) VALUES ('stripe', ?, 1.0, ?)",
+        (f"evt_{n}", n),
+    )
+    if mapped:
+        conn.execute(
+            "INSERT INTO outbox (destination, webhook_id, event_key, event_type, rule, body, "
+            "created_at) VALUES ('k/1', ?, ?, 'checkout.session.completed', 0, '{}', 1.0)",
+            (n, key or f"evt_{n}"),
+        )
+    else:
+        conn.execute("INSERT INTO unmapped (webhook_id, keys) VALUES (?, NULL)", (n,))
+
+
+def test_count_rows_reads_the_relays_schema(tmp_path: Path) -> None:
+    db = tmp_path / "relay.db"
+    conn = _relay_database(db)
+    for n in (1, 2):
+        _store_webhook(conn, n, mapped=True)
+    _store_webhook(conn, 3, mapped=False)  # acknowledged, not mapped yet
+    counts = stack.count_rows(db)
+    assert (counts.webhooks, counts.dedupe, counts.unmapped, counts.outbox) == (3, 3, 1, 2)
+    assert counts.outbox_by_state == {0: 2}
+    assert not counts.stored_once
+    assert stack.unmapped(db) == 1
+    assert stack.wait_mapped(db, timeout=0.1)[0] == 1
+
+    conn.execute("DELETE FROM unmapped")  # the mapper's round
+    conn.execute(
+        "INSERT INTO outbox (destination, webhook_id, event_key, event_type, rule, body, "
+        "created_at) VALUES ('k/1', 3, 'evt_3', 'checkout.session.completed', 0, '{}', 1.0)"
+    )
+    counts = stack.count_rows(db)
+    assert counts.stored_once and counts.events == 3
+    left, seconds = stack.wait_mapped(db, timeout=0.1)
+    assert left == 0 and seconds < 0.05
+
+    _store_webhook(conn, 4, mapped=True, key="evt_other")  # a row not from its own key
+    counts = stack.count_rows(db)
+    assert (counts.outbox, counts.linked) == (4, 3)
+    assert not counts.stored_once
+    conn.close()
+
+
+def test_relay_toml_sets_flush_interval_only_when_asked(tmp_path: Path) -> None:
+    from relay.config import load_config
+
+    env = stack.Secrets.fresh().env()
+    for flush, seconds in ((None, 5.0), ("50ms", 0.05)):
+        path = tmp_path / "relay.toml"
+        path.write_text(stack.relay_toml(tmp_path / "r.db", 8000, 8001, 600, 2, flush))
+        config = load_config(path, env)
+        assert config.track.flush_interval == seconds
+        assert (config.relay.workers, config.track.requests_per_minute) == (2, 600)
+
+
+def test_bare_runs_the_processes_asked_and_stops_them(tmp_path: Path) -> None:
+    with Procs(tmp_path) as procs:
+        bare, port = start_bare(procs, processes=2)
+        pids = {json.loads(http_get(port, "/healthz")[1])["pid"] for _ in range(30)}
+        assert len(pids) == 2 and bare.pid not in pids
+        assert procs.stop(bare) == 0
+    time.sleep(0.2)
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
 
 
 def test_commit_histogram_counts_the_slow_commits() -> None:
