@@ -4,6 +4,13 @@ Starts everything it needs on 127.0.0.1 (`relay serve`, `relay sandbox`, a bare 
 app, wrk), stops all of it at the end (also on Ctrl-C or an error), prints progress to stderr
 and the table to stdout. Exit status: 0 when every target passes, 1 when one fails (or could
 not be measured: ingest without wrk), 2 when a benchmark broke off with an error.
+
+    ready    seconds from spawning `relay serve` to its first /healthz 200 (bench/ready.py)
+    ingest   webhooks a second, latency and CPU per webhook under wrk, against a bare
+             Starlette endpoint (with as many processes as the relay's workers) (ingest.py)
+    forward  draining a backlog at the track API's rate limit, and the time from a webhook's
+             200 to its arrival at the track API when the limit is not in the way (forward.py)
+    burst    100,000 webhooks while the track API refuses: memory, disk, none lost (burst.py)
 """
 
 from __future__ import annotations
@@ -60,6 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "by F, to see the same drain F times faster (default 10)",
     )
     p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=forward.LATENCY_RATE,
+        metavar="PER_SEC",
+        help="forward: webhooks a second in the latency runs (200 -> at the track API), "
+        f"for {forward.LATENCY_SECONDS} s (default {forward.LATENCY_RATE:g})",
+    )
+    p.add_argument(
         "--burst-events",
         type=int,
         default=100_000,
@@ -86,8 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         or args.burst_events < 1
         or args.rpm < 1
         or args.speedup <= 0
+        or not 0 < args.latency_rate <= forward.MAX_LATENCY_RATE
     ):
-        p.error("--duration, --events, --burst-events, --rpm and --speedup must be positive")
+        p.error(
+            "--duration, --events, --burst-events, --rpm and --speedup must be positive, "
+            f"--latency-rate above 0 and at most {forward.MAX_LATENCY_RATE:g}"
+        )
     return args
 
 
@@ -110,7 +129,7 @@ def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
         profile = args.profile.resolve() if args.profile else None
         return ingest.run(workdir, args.duration, profile, args.workers)
     if which == "forward":
-        return forward.run(workdir, args.events, args.rpm, args.speedup)
+        return forward.run(workdir, args.events, args.rpm, args.speedup, args.latency_rate)
     return burst.run(workdir, args.burst_events)
 
 

@@ -4,6 +4,10 @@ wrk runs for a duration; building a backlog needs a count instead (20,000 events
 events), every answer checked. This client writes the raw requests made by bench.webhooks on
 `concurrency` connections and tallies the answers. It does no per-request work beyond reading
 the answer, so on the relay it is not the bottleneck.
+
+post_paced sends them at a steady rate instead (request i at start + i/rate, on whichever of
+a few keep-alive connections is free) and records the wall-clock time (time.time(), the
+clock the sandbox stamps its events with) at which each answer came back.
 """
 
 from __future__ import annotations
@@ -153,3 +157,61 @@ def post_signed(
         tally.add(post_all(port, requests, concurrency, before=done, total=count))
         done += n
     return tally
+
+
+@dataclass(frozen=True)
+class Answer:
+    index: int  # the request's place in the list
+    status: int  # 0: no answer (a connection error)
+    at: float  # time.time() when the answer was read
+    late: float  # seconds after its slot the request went out (no connection was free)
+
+
+async def _post_paced(port: int, requests: list[bytes], rate: float, pool: int) -> list[Answer]:
+    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = asyncio.Queue()
+    for _ in range(pool):
+        free.put_nowait(None)  # opened on first use
+    answers: list[Answer] = []
+
+    async def send(i: int, raw: bytes, slot: float) -> None:
+        conn = await free.get()
+        late = max(0.0, loop.time() - slot)
+        try:
+            if conn is None:
+                conn = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = conn
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(_content_length(head))
+            answers.append(Answer(i, int(head[9:12]), time.time(), late))
+            if b"connection: close" in head.lower():
+                writer.close()
+                conn = None
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            answers.append(Answer(i, 0, time.time(), late))
+            if conn is not None:
+                conn[1].close()
+            conn = None
+        finally:
+            free.put_nowait(conn)
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i, raw in enumerate(requests):
+        slot = start + i / rate
+        delay = slot - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(send(i, raw, slot)))
+    await asyncio.gather(*tasks)
+    while not free.empty():
+        conn = free.get_nowait()
+        if conn is not None:
+            conn[1].close()
+    return sorted(answers, key=lambda a: a.index)
+
+
+def post_paced(port: int, requests: list[bytes], rate: float, pool: int = 8) -> list[Answer]:
+    """Send request i at start + i/rate; every request's answer, in the list's order."""
+    return asyncio.run(_post_paced(port, requests, rate, pool))

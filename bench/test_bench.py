@@ -2,8 +2,8 @@
 
 The figures are only worth something if the requests are what they claim to be (distinct,
 ~1 KB, correctly signed), the wrk script counts what it says, the database counts read the
-relay's schema as it is, the bare app runs as many processes as asked, and the pass/fail
-arithmetic is right; these tests hold each of those.
+relay's schema as it is, the bare app runs as many processes as asked, the paced client keeps
+its pace, and the pass/fail arithmetic is right; these tests hold each of those.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from bench import forward, ingest, stack, webhooks
+from bench import client, forward, ingest, stack, webhooks
 from bench.procs import Procs, http_get
 from bench.report import Row, render
 from bench.stack import Commits, Counts, start_bare
@@ -297,6 +297,29 @@ def test_bare_runs_the_processes_asked_and_stops_them(tmp_path: Path) -> None:
         assert procs.stop(bare) == 0
     time.sleep(0.2)
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+def test_post_paced_keeps_the_rate_and_times_each_answer(tmp_path: Path) -> None:
+    with Procs(tmp_path) as procs:
+        _, port = start_bare(procs)
+        requests = webhooks.make(20, port, SECRET)
+        started = time.time()
+        answers = client.post_paced(port, requests, rate=100)
+    assert [a.index for a in answers] == list(range(20))
+    assert {a.status for a in answers} == {200}
+    assert answers[-1].at - started >= 0.19  # the 20th went out 0.19 s after the first
+    assert all(started <= a.at <= started + 2 for a in answers)
+
+
+def test_latency_percentiles_and_row() -> None:
+    delays = [i / 100 for i in range(1, 101)]  # 10 ms .. 1 s
+    m = forward.Latency("5s", True, 50, 100, 100, delays, 100, True)
+    assert (m.percentile(50), m.percentile(99), m.percentile(100)) == (0.5, 0.99, 1.0)
+    row = forward.latency_row(m)
+    assert row.value == "500 / 990 / 1,000 ms; 100 of 100 delivered"
+    assert "flush_interval 5s default" in row.measure and row.ok is True
+    lost = forward.latency_row(forward.Latency("50ms", False, 50, 100, 100, delays[:99], 99, False))
+    assert lost.ok is False and "99 of 100 delivered" in lost.value
 
 
 def test_commit_histogram_counts_the_slow_commits() -> None:
