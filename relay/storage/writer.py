@@ -132,7 +132,12 @@ class Writer:
                 continue
             if not group.items:  # each gave up waiting for the lock
                 continue
-            self._execute(group)
+            try:
+                self._execute(group)
+            except Exception as e:  # the transaction itself broke: nothing of it stays
+                self._rollback()
+                self._fail(group, e)
+                continue
             try:
                 seconds = await asyncio.get_running_loop().run_in_executor(
                     self._thread, self._commit
@@ -151,8 +156,10 @@ class Writer:
                 _settle(item, ok, value)
 
     async def _begin(self, group: _Group) -> None:
-        """BEGIN IMMEDIATE; while another process writes, again shortly. A job whose deadline
-        passes meanwhile fails alone (its webhook gets 503); the others go on waiting."""
+        """BEGIN IMMEDIATE; while another process writes, again shortly. Jobs asked meanwhile
+        join the waiting group, so that each waits from when it was asked, not behind the
+        others' longer waits. A job whose deadline passes fails alone (its webhook gets 503);
+        the others go on waiting, until the writer closes."""
         pause = 0.001
         while group.items:
             try:
@@ -161,16 +168,27 @@ class Writer:
             except sqlite3.OperationalError as e:
                 if not busy(e):
                     raise
+                if self._closing:  # nobody waits out the lock for a closed writer
+                    closed = StoreError("the store is closed")
+                    for item in group.items:
+                        _settle(item, False, closed)
+                    group.items = []
+                    return
+                room = self.max_group - len(group.items)
+                if room > 0 and self._queue:
+                    group.items += self._queue[:room]
+                    del self._queue[:room]
                 now = time.monotonic()
-                late = [i for i in group.items if i.deadline <= now]
+                late = []
                 if late:
                     self._fail(_Group(late), e)
                     group.items = [i for i in group.items if i.deadline > now]
+                    self._queue = [i for i in self._queue if i.deadline > now]
                     if not group.items:
                         return
                 left = min(i.deadline for i in group.items) - now
                 await asyncio.sleep(max(0.0, min(pause, left)))
-                pause = min(pause * 2, 0.02)
+                pause = min(pause * 2, 0.002)
 
     def _commit(self) -> float:
         started = time.perf_counter()
@@ -194,6 +212,8 @@ class Writer:
                 results = batch(conn, [items[n].arg for n in members])
                 conn.execute("RELEASE batch")
             except Exception:  # one item refused: run them one by one below
+                if not conn.in_transaction:  # SQLite rolled it all back (a full disk)
+                    raise
                 conn.execute("ROLLBACK TO batch")
                 conn.execute("RELEASE batch")
                 continue
@@ -207,6 +227,8 @@ class Writer:
                 group.outcomes[n] = (True, item.job(conn))
                 conn.execute("RELEASE job")
             except Exception as e:
+                if not conn.in_transaction:  # the group's earlier jobs went with it
+                    raise
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
                 group.outcomes[n] = (False, e)
@@ -218,7 +240,7 @@ class Writer:
             except sqlite3.Error:
                 pass
 
-    def _fail(self, group: _Group, e: sqlite3.Error) -> None:
+    def _fail(self, group: _Group, e: Exception) -> None:
         self.failed_commits += 1
         reason = "database is locked (another process holds its write lock)" if busy(e) else str(e)
         self.last_error = reason
@@ -228,7 +250,7 @@ class Writer:
             _settle(item, False, error)
 
 
-def busy(e: sqlite3.Error) -> bool:
+def busy(e: Exception) -> bool:
     return isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e))
 
 
