@@ -179,7 +179,7 @@ class Writer:
                     group.items += self._queue[:room]
                     del self._queue[:room]
                 now = time.monotonic()
-                late = []
+                late = [i for i in (*group.items, *self._queue) if i.deadline <= now]
                 if late:
                     self._fail(_Group(late), e)
                     group.items = [i for i in group.items if i.deadline > now]
