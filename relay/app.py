@@ -58,7 +58,11 @@ class Runtime:
 
     async def start(self) -> None:
         cfg = self.config
-        store = open_store(cfg.relay.database, on_commit=self.metrics.commit_seconds.observe)
+        store = open_store(
+            cfg.relay.database,
+            on_commit=self.metrics.commit_seconds.observe,
+            shared=self.workers > 1,
+        )
         await store.open()
         self.store = store
         self.mapper = Mapper(cfg, store, self.metrics)
@@ -72,9 +76,7 @@ class Runtime:
             limits=httpx.Limits(max_connections=50, max_keepalive_connections=20),
             headers={"user-agent": "webhook-relay"},
         )
-        self.forwarder = Forwarder(
-            store, cfg, self.client, self.metrics, window=self.rate_window
-        )
+        self.forwarder = Forwarder(store, cfg, self.client, self.metrics, window=self.rate_window)
         await self.forwarder.start()
         self.mapper.on_queued = self.forwarder.queued
         await self.mapper.start()

@@ -38,13 +38,15 @@ def insert(k: str, v: int) -> Callable[[sqlite3.Connection], int]:
 
 
 @asynccontextmanager
-async def opened(path: Path, busy_timeout: float = 10.0) -> AsyncIterator[Writer]:
+async def opened(
+    path: Path, busy_timeout: float = 10.0, commit_on_loop: bool = False
+) -> AsyncIterator[Writer]:
     """A started writer on a connection set up as SQLiteStore.open sets it up."""
     conn = connect(path)
     conn.execute("CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER)")
     conn.execute("PRAGMA wal_autocheckpoint = 0")
     conn.execute("PRAGMA busy_timeout = 0")
-    w = Writer(conn, path, busy_timeout)
+    w = Writer(conn, path, busy_timeout, commit_on_loop=commit_on_loop)
     w.start()
     try:
         yield w
@@ -364,3 +366,32 @@ def test_the_writer_checkpoints_by_itself(path: Path) -> None:
         return w._checkpointer.checkpoints
 
     assert run(path, body) >= 1
+
+
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_the_commit_runs_in_the_thread_or_with_workers_on_the_loop(
+    tmp_path: Path, on_loop: bool
+) -> None:
+    """With other processes writing to the file (workers), the commit runs on the loop: the
+    write lock is then not held while a thread waits for the loop to give up the GIL."""
+    import threading
+
+    path = tmp_path / "relay.db"
+    committed_on: list[str] = []
+
+    async def main() -> None:
+        async with opened(path, commit_on_loop=on_loop) as w:
+            commit = w._commit
+
+            def spy() -> float:
+                committed_on.append(threading.current_thread().name)
+                return commit()
+
+            w._commit = spy  # type: ignore[method-assign]
+            await asyncio.gather(*(w.batched(insert_many, (f"k{n}", n)) for n in range(20)))
+
+    asyncio.run(main())
+    assert rows(path) == {f"k{n}": n for n in range(20)}
+    assert committed_on and all((name == "MainThread") == on_loop for name in committed_on), (
+        committed_on
+    )

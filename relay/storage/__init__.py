@@ -54,9 +54,10 @@ def open_store(
     database: Path | str,
     busy_timeout: float = 10.0,
     on_commit: Callable[[float], None] | None = None,
+    shared: bool = False,
 ) -> Store:
     """The store for `[relay] database` (not opened yet: await its `open`). `on_commit` is
-    told how long each commit took."""
+    told how long each commit took; `shared`: other processes of this relay write too."""
     from relay.storage.sqlite import SQLiteStore
 
-    return SQLiteStore(Path(database), busy_timeout, on_commit)
+    return SQLiteStore(Path(database), busy_timeout, on_commit, shared)

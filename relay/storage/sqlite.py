@@ -61,8 +61,10 @@ class SQLiteStore(Store):
         path: Path,
         busy_timeout: float = 10.0,
         on_commit: Callable[[float], None] | None = None,
+        shared: bool = False,
     ):
         self.path = path
+        self.shared = shared  # other processes write to the file too (see Writer)
         self.url = str(path)
         self.busy_timeout = busy_timeout
         self.on_commit = on_commit
@@ -86,7 +88,7 @@ class SQLiteStore(Store):
             conn = await asyncio.to_thread(setup)
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the database {self.path}: {e}") from None
-        self.writer = Writer(conn, self.path, self.busy_timeout)
+        self.writer = Writer(conn, self.path, self.busy_timeout, commit_on_loop=self.shared)
         self.writer.on_commit = self.on_commit
         self.writer.start()
 

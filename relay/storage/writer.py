@@ -56,8 +56,15 @@ class Writer:
         path: Path,
         busy_timeout: float = 10.0,
         max_group: int = 512,
+        commit_on_loop: bool = False,
     ):
+        """`commit_on_loop`: other processes write to this file too (workers). The write
+        lock is held from BEGIN to the end of COMMIT; a COMMIT handed to the thread would
+        hold it while the thread waits for the event loop to give up the GIL, and the other
+        workers would wait with it. On the loop, the lock is held only as long as the disk
+        takes, at the price of the loop waiting for the fsync."""
         self.conn = conn
+        self.commit_on_loop = commit_on_loop
         self.busy_timeout = busy_timeout
         self.max_group = max_group
         self.commits = 0
@@ -139,9 +146,12 @@ class Writer:
                 self._fail(group, e)
                 continue
             try:
-                seconds = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self._commit
-                )
+                if self.commit_on_loop:
+                    seconds = self._commit()
+                else:
+                    seconds = await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._commit
+                    )
             except sqlite3.Error as e:
                 self._rollback()
                 self._fail(group, e)
