@@ -12,7 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from relay.cli import main
-from relay.config import Secret, format_duration, load_config, parse_duration
+from relay.config import load_config
+from relay.settings import Secret, format_duration, parse_duration
 from tests.conftest import MAPPINGS
 
 API_KEY = "sk_live_CONFIGTEST_0123456789abcdef"
@@ -133,6 +134,53 @@ def test_the_line_number_points_at_the_key(folder: Path) -> None:
     line_no = BASE.splitlines().index("batch_size = 25") + 1
     result = CliRunner().invoke(main, ["serve", "--config", str(path)])
     assert result.stderr.startswith(f"relay: {path}:{line_no}: track.batch_size: ")
+
+
+STRIPE_TABLE = f"""\
+[sources.stripe]
+provider = "stripe"
+secret = "{WEBHOOK_SECRET}"
+mapping = "mappings/stripe.toml"
+"""
+
+# (case, how [sources.stripe] is written instead, the line its message must name)
+SOURCE_FORMS = [
+    ("a table", STRIPE_TABLE.replace('"stripe"', '"paypal"'), 'provider = "paypal"'),
+    (
+        "dotted keys",
+        f'[sources]\nstripe.provider = "paypal"\nstripe.secret = "{WEBHOOK_SECRET}"\n',
+        'stripe.provider = "paypal"',
+    ),
+    (
+        "an inline table",
+        f'[sources]\nstripe = {{ provider = "paypal", secret = "{WEBHOOK_SECRET}" }}\n',
+        "stripe = {",
+    ),
+    (
+        "a quoted table name",
+        STRIPE_TABLE.replace("[sources.stripe]", '[sources."stripe"]').replace(
+            '"stripe"\n', '"paypal"\n'
+        ),
+        'provider = "paypal"',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("table", "shown"), [f[1:] for f in SOURCE_FORMS], ids=[f[0] for f in SOURCE_FORMS]
+)
+def test_the_line_number_points_at_the_key_however_the_table_is_written(
+    folder: Path, table: str, shown: str
+) -> None:
+    text = BASE.replace(STRIPE_TABLE, table)
+    assert STRIPE_TABLE in BASE and text != BASE
+    path = write(folder, text)
+    line_no = next(n for n, line in enumerate(text.splitlines(), 1) if line.startswith(shown))
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        f"relay: {path}:{line_no}: sources.stripe.provider: unknown provider 'paypal'"
+    ), result.stderr
 
 
 def test_a_real_process_exits_1_with_one_line_on_stderr(folder: Path) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import importlib
 
-from relay.config import ConfigTable
 from relay.providers.base import Provider, Verifier
 from relay.providers.shared import BasicAuth, SharedToken
+from relay.settings import ConfigTable
 
 PROVIDERS: dict[str, str] = {
     "stripe": "relay.providers.stripe:StripeProvider",

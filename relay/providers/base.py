@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from relay.config import ConfigTable
 from relay.errors import InvalidBody
+from relay.settings import ConfigTable
 
 # Headers that carry credentials: never stored, never shown to mapping templates.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import (
     LoneSurrogate,
@@ -30,6 +29,7 @@ from relay.providers.base import (
     check_age,
     loads,
 )
+from relay.settings import ConfigTable, Secret
 
 ALGORITHMS = ("sha1", "sha256", "sha512")
 TEMPLATE_FIELDS = ("timestamp", "body", "id", "method", "url")

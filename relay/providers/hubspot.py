@@ -16,7 +16,6 @@ import random
 import re
 from typing import Any
 
-from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import (
     Provider,
@@ -27,6 +26,7 @@ from relay.providers.base import (
     json_events,
 )
 from relay.providers.hmac import called_url, config_url
+from relay.settings import ConfigTable, Secret
 
 # HubSpot decodes these escapes in the URI before it signs (its "validating requests" page).
 _DECODED = {

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from secrets import token_hex, token_urlsafe
 from typing import Any
 
-from relay.config import ConfigTable, Secret
 from relay.errors import ConfigError, InvalidBody, InvalidSignature
 from relay.providers.base import (
     Provider,
@@ -36,6 +35,7 @@ from relay.providers.base import (
     json_body,
 )
 from relay.providers.forms import MULTIPART, URLENCODED, FormError, parse_form
+from relay.settings import ConfigTable, Secret
 
 FORM_TYPES = (URLENCODED, MULTIPART)
 SIGNATURE_FIELDS = frozenset({"timestamp", "token", "signature", "parent-signature"})

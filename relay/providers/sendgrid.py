@@ -22,7 +22,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from relay.config import ConfigTable
 from relay.errors import ConfigError, InvalidBody, InvalidSignature
 from relay.providers.base import (
     Provider,
@@ -32,6 +31,7 @@ from relay.providers.base import (
     check_age,
     json_events,
 )
+from relay.settings import ConfigTable
 
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"

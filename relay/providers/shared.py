@@ -16,9 +16,9 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl, unquote_plus
 
-from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import WebhookRequest
+from relay.settings import ConfigTable, Secret
 
 
 def _same(a: str, b: str) -> bool:

@@ -16,7 +16,6 @@ from typing import Any
 
 from standardwebhooks import Webhook, WebhookVerificationError
 
-from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import (
     Provider,
@@ -26,6 +25,7 @@ from relay.providers.base import (
     check_age,
     json_body,
 )
+from relay.settings import ConfigTable, Secret
 
 HEADERS = ("id", "timestamp", "signature")
 PREFIX = "whsec_"

@@ -9,7 +9,6 @@ from typing import Any
 
 import stripe
 
-from relay.config import ConfigTable, Secret
 from relay.errors import InvalidBody, InvalidSignature
 from relay.providers.base import (
     Provider,
@@ -19,6 +18,7 @@ from relay.providers.base import (
     check_age,
     json_body,
 )
+from relay.settings import ConfigTable, Secret
 
 
 class StripeProvider(Provider):
