@@ -12,6 +12,8 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY relay/ relay/
+# The wheel ships the default mappings as relay/defaults (see pyproject.toml).
+COPY mappings/ mappings/
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install /dist/*.whl

@@ -34,6 +34,15 @@ if TYPE_CHECKING:
     from relay.providers.base import Provider, Verifier
 
 DEFAULT_CONFIG = "relay.toml"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def default_mappings() -> Path:
+    """The folder of the default mappings shipped with the relay: relay/defaults in an installed
+    package (the wheel takes it from mappings/, see pyproject.toml), or mappings/ itself when the
+    package runs from a checkout."""
+    installed = PACKAGE_DIR / "defaults"
+    return installed if installed.is_dir() else PACKAGE_DIR.parent / "mappings"
 
 
 @dataclass(frozen=True)
@@ -182,6 +191,27 @@ def config_error(config: Config, key: str, reason: str) -> ConfigError:
     return ConfigError(config.path, key, reason, line=line_of(text, key))
 
 
+def mapping_path(table: ConfigTable, provider: str) -> Path:
+    """A source's mapping file: the one it names (which must exist), else
+    mappings/<provider>.toml beside the config, else the default one shipped with the relay."""
+    if "mapping" in table:
+        named: Path = table.path("mapping")
+        if not named.is_file():
+            table.fail("mapping", f"mapping file {named} not found")
+        return named
+    beside: Path = table.path("mapping", f"mappings/{provider}.toml")
+    if beside.is_file():
+        return beside
+    shipped = default_mappings() / f"{provider}.toml"
+    if shipped.is_file():
+        return shipped
+    table.fail(
+        "mapping",
+        f"is required: there is no {beside} and the relay ships no default mapping for "
+        f"provider {provider!r}",
+    )
+
+
 def config_path(path: str | Path | None) -> Path:
     return Path(path or os.environ.get("RELAY_CONFIG") or DEFAULT_CONFIG)
 
@@ -267,9 +297,7 @@ def parse_config(
             )
         provider_name = table.string("provider")
         provider, verifier = build_source_parts(provider_name, table)
-        mapping = table.path("mapping", f"mappings/{provider_name}.toml")
-        if not mapping.is_file():
-            table.fail("mapping", f"mapping file {mapping} not found")
+        mapping = mapping_path(table, provider_name)
         destination = Destination(
             base_url=track.base_url,
             api_key=table.secret("api_key", track.api_key, header=True),

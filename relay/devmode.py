@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from relay.config import default_mappings
+from relay.errors import ConfigError
 from relay.providers import PROVIDERS, provider_class
 
 DEV_DIR = Path(".relay-dev")
@@ -23,15 +25,15 @@ SANDBOX_PREFIX = "/sandbox"
 
 
 def find_mappings() -> Path:
-    """The shipped mappings: ./mappings in a checkout, else the copy beside the package."""
-    for candidate in (
-        Path("mappings"),
-        Path(__file__).resolve().parent.parent / "mappings",
-        Path(__file__).resolve().parent / "mappings",
-    ):
-        if (candidate / "stripe.toml").is_file():
-            return candidate.resolve()
-    raise FileNotFoundError("no mappings/ folder found (run relay dev from the project folder)")
+    """The mappings dev mode uses: ./mappings when the current folder has one (a checkout, or
+    a folder of one's own mappings), else the default ones shipped with the relay."""
+    here = Path("mappings")
+    if here.is_dir() and any(here.glob("*.toml")):
+        return here.resolve()
+    shipped = default_mappings()
+    if not any(shipped.glob("*.toml")):
+        raise ConfigError(shipped, None, "holds no default mappings (reinstall the relay)")
+    return shipped
 
 
 def _dev_secret(kind: str, directory: Path) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from relay.cli import main
-from relay.config import load_config
+from relay.config import default_mappings, load_config
 from relay.settings import Secret, format_duration, parse_duration
 from tests.conftest import MAPPINGS
 
@@ -181,6 +181,46 @@ def test_the_line_number_points_at_the_key_however_the_table_is_written(
     assert result.stderr.startswith(
         f"relay: {path}:{line_no}: sources.stripe.provider: unknown provider 'paypal'"
     ), result.stderr
+
+
+# -- which mapping a source uses -------------------------------------------------------------
+
+UNNAMED = BASE.replace('mapping = "mappings/stripe.toml"\n', "")
+
+
+def test_a_source_that_names_no_mapping_takes_the_one_beside_the_config(folder: Path) -> None:
+    config = load_config(write(folder, UNNAMED))
+    assert config.sources["stripe"].mapping == folder / "mappings" / "stripe.toml"
+
+
+def test_without_one_beside_the_config_it_takes_the_shipped_default(tmp_path: Path) -> None:
+    path = write(tmp_path, UNNAMED)
+    config = load_config(path)
+    assert config.sources["stripe"].mapping == default_mappings() / "stripe.toml"
+    assert config.sources["stripe"].mapping.is_file()
+    # `relay check` finds the default mapping's examples beside it, and runs them.
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "1 mapping(s)" in result.stdout and " 0 example(s)" not in result.stdout
+
+
+def test_a_named_mapping_that_does_not_exist_is_an_error_even_with_a_default(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, BASE)  # names mappings/stripe.toml, and tmp_path has no mappings/
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    line = one_line(result, path, "sources.stripe.mapping")
+    assert f"mapping file {tmp_path / 'mappings' / 'stripe.toml'} not found" in line
+
+
+def test_a_provider_without_a_shipped_mapping_must_name_one(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        UNNAMED + '\n[sources.shop]\nprovider = "hmac"\nsecret = "s"\nsignature_header = "X-Sig"\n',
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    line = one_line(result, path, "sources.shop.mapping")
+    assert "is required: there is no " in line and "no default mapping for provider 'hmac'" in line
 
 
 def test_a_real_process_exits_1_with_one_line_on_stderr(folder: Path) -> None:
