@@ -526,6 +526,8 @@ def test_bad_bodies(
         ({"signed": "{body!r}"}, "signed"),
         ({"signed": "{body"}, "signed"),
         ({"signed": "{id}.{body}"}, "signed"),
+        ({"signed": "{url}"}, "signed"),  # the body would be unsigned
+        ({"timestamp_header": "X-Ts", "signed": "{timestamp}"}, "signed"),
         ({"timestamp_key": "t"}, "timestamp_key"),
         ({"prefix": "v1=", "signature_key": "v1"}, "prefix"),
         (

@@ -189,6 +189,12 @@ class HmacProvider(Provider):
             table.fail("signed", "uses {timestamp}: set timestamp_header or timestamp_key")
         if timestamped and "timestamp" not in fields:
             table.fail("signed", "must include {timestamp}: an unsigned timestamp proves nothing")
+        if signed and "body" not in fields:
+            table.fail(
+                "signed",
+                "must include {body}: a signature that does not cover the body lets anyone "
+                "change it",
+            )
 
         id_header = _header(table, "id_header")
         id_field = _nonempty(table, "id_field")
