@@ -76,6 +76,9 @@ def request_url(scope: Scope, headers: dict[str, str]) -> str:
     return f"{url}?{query.decode('latin-1')}" if query else url
 
 
+MAX_SHOWN_NAME = 100  # characters of an unknown source's name that logs and answers repeat
+
+
 async def _answer(
     send: Send, status: int, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:
@@ -98,6 +101,8 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
     received_at = time.time()
     name = scope["path"][len(PREFIX) :]
     label = name if name in rt.config.sources else "_unknown"
+    if label == "_unknown" and len(name) > MAX_SHOWN_NAME:  # shown in logs and the answer
+        name = name[:MAX_SHOWN_NAME] + "…"
     size = 0
     try:
         if rt.draining or rt.pipeline is None:

@@ -310,6 +310,13 @@ def test_methods_and_paths_answer_json(env: Env) -> None:
     assert r.status_code == 404 and r.json()["ok"] is False
 
 
+def test_a_huge_unknown_source_name_is_not_repeated_whole(env: Env) -> None:
+    r = env.client.post(f"{env.url}/webhooks/{'a' * 8000}", content=b"{}")
+    assert r.status_code == 404 and r.json()["error"] == "unknown_source"
+    message = r.json()["message"]
+    assert message.startswith("no source named 'aaaa") and len(message) < 150, len(message)
+
+
 def _with_lone_surrogate(where: str) -> bytes:
     """A paid Checkout Session whose JSON text holds the escape \\ud800 (a lone surrogate)."""
     event: dict[str, Any] = stripe_event()
