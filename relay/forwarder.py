@@ -578,11 +578,6 @@ class Forwarder:
                 worker.depth.add(q.pending, q.oldest if q.oldest is not None else self.wall())
                 worker.wake.set()
 
-    def notify(self, destination: str) -> None:
-        worker = self.workers.get(destination)
-        if worker is not None:
-            worker.wake.set()
-
     @property
     def running(self) -> bool:
         tasks = [w.task for w in self.workers.values()]

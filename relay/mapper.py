@@ -123,8 +123,6 @@ class Mapper:
         self.mappings: dict[str, Mapping] = load_mappings(config)
         self._jobs: collections.deque[Job] = collections.deque()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-mapping")
         self._task: asyncio.Task[None] | None = None
         self._first_live: int | None = None  # the first webhook handed over by this process
@@ -153,20 +151,11 @@ class Mapper:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    @property
-    def backlog(self) -> int:
-        return sum(len(j.events) for j in self._jobs)
-
     def submit(self, job: Job) -> None:
         if self._first_live is None:
             self._first_live = job.webhook_id
         self._jobs.append(job)
-        self._idle.clear()
         self._wake.set()
-
-    async def drained(self) -> None:
-        """Until every job handed over is saved (tests, and the CLI's in-process runs)."""
-        await self._idle.wait()
 
     # -- mapping rules
 
@@ -206,7 +195,6 @@ class Mapper:
             log.error("mapper: cannot read the unmapped webhooks: %s (mapped at next start)", e)
         while True:
             if not self._jobs:
-                self._idle.set()
                 if self._stopping:
                     return
                 self._wake.clear()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import pytest
 from relay import sandbox as sandbox_mod
 from relay.app import create_app
 from relay.config import Config, load_config
+from relay.storage import Store, open_store, run_with
 from tests.servers import ThreadedServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,3 +293,14 @@ def refused(response: httpx.Response) -> None:
     assert response.status_code == 401, response.text
     body = response.json()
     assert body["ok"] is False and body["error"] == "invalid_signature"
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """A factory of stores on one fresh database of each backend (the storage tests)."""
+    return lambda: open_store(tmp_path / "relay.db")
+
+
+def run(make: Callable[[], Store], body: Callable[[Store], Awaitable[Any]]) -> Any:
+    """`body` on a store fresh from `make`, opened and closed around it."""
+    return run_with(make(), body)

@@ -22,6 +22,7 @@ from relay.storage import (
     Output,
     Store,
     open_store,
+    run_with,
 )
 from tests.conftest import (
     MAPPINGS,
@@ -65,16 +66,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, step: float
 
 def with_store(db: Path, body: Callable[[Store], Awaitable[T]]) -> T:
     """Run `body` on a store of its own over the file `db` (the relay's, once it stopped)."""
-
-    async def main() -> T:
-        store = open_store(db)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
+    return run_with(open_store(db), body)
 
 
 def test_flaky_slow_api_still_gets_every_event_exactly_once(

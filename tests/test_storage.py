@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,30 +20,11 @@ from relay.storage import (
     Mapped,
     Output,
     Store,
-    open_store,
 )
+from tests.conftest import run
 
 WINDOW = 48 * 3600.0
 T0 = 1_800_000_000.0
-Body = Callable[[Store], Awaitable[Any]]
-
-
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    """A factory of stores on one fresh database of the backend."""
-    yield lambda: open_store(tmp_path / "relay.db")
-
-
-def run(make: Callable[[], Store], body: Body) -> Any:
-    async def main() -> Any:
-        store = make()
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 def hook(*keys: str, source: str = "stripe", at: float = T0, tokens: Any = ()) -> Incoming:

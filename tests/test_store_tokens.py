@@ -9,39 +9,19 @@ after expiry); these hold the rest, on every backend, through `relay.storage.Sto
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from relay.errors import InvalidSignature
 from relay.providers.base import Token
-from relay.storage import Incoming, Ingested, Store, open_store
+from relay.storage import Incoming, Ingested, Store
+from tests.conftest import run
 
 NOW = 1_714_550_400.0
 WINDOW = 48 * 3600.0
 RETENTION = 7 * 86400.0
 TOKEN = Token("a8ce0edb2dd8301dee6c2405235584e45aa91d1e9f979f3de0", NOW + 900)
-Body = Callable[[Store], Awaitable[Any]]
-
-
-@pytest.fixture(params=["sqlite"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
-    """A factory of stores on one fresh database of the backend."""
-    yield lambda: open_store(tmp_path / "relay.db")
-
-
-def run(make: Callable[[], Store], body: Body) -> Any:
-    async def main() -> Any:
-        store = make()
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 def item(

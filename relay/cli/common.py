@@ -88,22 +88,11 @@ async def _nothing(store: Store) -> None:
 def with_store(config: Config, fn: Callable[[Store], Awaitable[T]], *, create: bool = False) -> T:
     """Run `fn` with the relay's store open (schema brought up to date first). Without
     `create`, a missing database is one line and exit 1: a read command never creates one."""
-    import asyncio
-
-    from relay.storage import open_store
+    from relay.storage import open_store, run_with
 
     if not create and not config.relay.database.exists():
         fail(f"no database at {config.relay.database} yet (has the relay run?)")
-
-    async def run() -> T:
-        store = open_store(config.relay.database)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
+    return run_with(open_store(config.relay.database), fn)
 
 
 def source_named(config: Config, name: str) -> Source:

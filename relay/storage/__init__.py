@@ -7,15 +7,15 @@ every backend through the interface.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 from relay.storage.base import (
     DEAD,
     DELIVERED,
     IN_FLIGHT,
     PENDING,
-    STATE_NAMES,
     Counts,
     DestinationRow,
     Incoming,
@@ -34,7 +34,6 @@ __all__ = [
     "DELIVERED",
     "IN_FLIGHT",
     "PENDING",
-    "STATE_NAMES",
     "Counts",
     "DestinationRow",
     "Incoming",
@@ -47,6 +46,7 @@ __all__ = [
     "Store",
     "StoredWebhook",
     "open_store",
+    "run_with",
 ]
 
 
@@ -61,3 +61,20 @@ def open_store(
     from relay.storage.sqlite import SQLiteStore
 
     return SQLiteStore(Path(database), busy_timeout, on_commit, shared)
+
+
+T = TypeVar("T")
+
+
+def run_with(store: Store, body: Callable[[Store], Awaitable[T]]) -> T:
+    """Open `store`, run `body` on it and close it, from outside an event loop (the CLI)."""
+    import asyncio
+
+    async def main() -> T:
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())

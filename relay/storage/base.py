@@ -21,13 +21,12 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from relay.providers.base import Token
 
 PENDING, IN_FLIGHT, DELIVERED, DEAD = 0, 1, 2, 3
-STATE_NAMES = {PENDING: "pending", IN_FLIGHT: "in flight", DELIVERED: "delivered", DEAD: "dead"}
 
 
 @dataclass(frozen=True)
@@ -274,9 +273,3 @@ class Store(abc.ABC):
 def first_each(keys: Sequence[str]) -> list[str]:
     """The keys in order, each once (a body may carry the same event twice)."""
     return list(dict.fromkeys(keys))
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(obj)

@@ -30,7 +30,7 @@ from relay.storage.base import (
     first_each,
 )
 from relay.storage.sqlite_schema import connect, migrate
-from relay.storage.writer import Writer, busy
+from relay.storage.writer import Writer
 
 T = TypeVar("T")
 
@@ -716,7 +716,3 @@ def _prune(
         conn.execute(f"DELETE FROM outbox WHERE webhook_id IN ({_in(old)})", old)
         removed += conn.execute(f"DELETE FROM webhooks WHERE id IN ({_in(old)})", old).rowcount
     return removed, (candidates[-1] if candidates else None)
-
-
-def is_busy(e: sqlite3.Error) -> bool:
-    return busy(e)
