@@ -7,7 +7,8 @@ not be measured: ingest without wrk), 2 when a benchmark broke off with an error
 
     ready    seconds from spawning `relay serve` to its first /healthz 200 (bench/ready.py)
     ingest   webhooks a second, latency and CPU per webhook under wrk, against a bare
-             Starlette endpoint (with as many processes as the relay's workers) (ingest.py)
+             Starlette endpoint (with as many processes as the relay's workers) and the
+             floor of a durable acknowledgement (floor.py) (ingest.py)
     forward  draining a backlog at the track API's rate limit, and the time from a webhook's
              200 to its arrival at the track API when the limit is not in the way (forward.py)
     burst    100,000 webhooks while the track API refuses: memory, disk, none lost (burst.py)

@@ -9,7 +9,8 @@ side runs again after the relay: the ratio uses the mean of both, and a large di
 between them says the machine's speed changed during the run (shared virtual machines do).
 For each `--workers` N above 1 the bare app also runs once with N uvicorn processes on one
 port (SO_REUSEPORT, as the relay's workers), before the relay runs, and the relay with N
-workers is compared with it too.
+workers is compared with it too. The floor (bench/floor.py: verify, parse, a durable insert,
+nothing else) runs once after the first bare run, on the bare side's requests.
 
 CPU per webhook: the server's CPU seconds (the process and its live descendants, from
 /proc) divided by the requests answered, in microseconds. The relay answers after the commit
@@ -287,6 +288,11 @@ def run(
         )
         before = run_wrk(bare_port, bare_files, duration, bare.pid)
         progress("  " + _describe("bare", before))
+        floor, floor_port = stack.start_floor(procs, workdir, keys)
+        progress(f"ingest: durable-ack floor (bench/floor.py), {duration} s at {CONNECTIONS} conns")
+        floor_result = run_wrk(floor_port, bare_files, duration, floor.pid)
+        progress("  " + _describe("floor", floor_result))
+        procs.stop(floor)
         for n in sorted({n for n in workers if n > 1}):
             label = _bare_label(n)
             child, port = stack.start_bare(procs, f"bare-{n}p", processes=n)
@@ -339,7 +345,7 @@ def run(
         progress("  " + _describe("bare", after))
         for path in workdir.glob("bare-requests.*"):
             path.unlink()
-    return rows(before, after, runs, multi)
+    return rows(before, after, runs, multi, floor_result)
 
 
 def _profiled(
@@ -368,8 +374,10 @@ def rows(
     after: WrkResult,
     runs: list[RelayRun],
     multi: dict[int, WrkResult] | None = None,
+    floor: WrkResult | None = None,
 ) -> list[Row]:
-    """The table's rows; `multi` holds the bare app's runs with N processes, by N."""
+    """The table's rows; `multi` holds the bare app's runs with N processes, by N; `floor`
+    the durable-ack floor's run (bench/floor.py)."""
     multi = multi or {}
     bare_rps = (before.rps + after.rps) / 2
     drift = abs(before.rps - after.rps) / bare_rps
@@ -399,6 +407,15 @@ def rows(
             f"{after.p50_ms:.1f} / {after.p99_ms:.1f} ms",
         ),
     ]
+    if floor is not None:
+        out += [
+            Row(
+                "ingest",
+                "floor requests/s (verify, parse, durable insert)",
+                f"{floor.rps:,.0f}, {floor.rps / bare_rps:.2f} x bare, CPU per webhook "
+                f"{_us(floor.cpu_us)}, p99 {floor.p99_ms:.1f} ms",
+            ),
+        ]
     for n, r in sorted(multi.items()):
         label = _bare_label(n)
         out += [
@@ -418,6 +435,9 @@ def rows(
         ]
     for run in runs:
         out += _run_rows(run, bare_rps, multi.get(run.workers))
+        if floor is not None and floor.rps:
+            ratio = run.result.rps / floor.rps
+            out.append(Row("ingest", f"{run.label} / floor requests/s", f"{ratio:.2f}"))
     return out
 
 

@@ -186,6 +186,20 @@ def start_bare(procs: Procs, name: str = "bare", processes: int = 1) -> tuple[Ch
     return child, port
 
 
+def start_floor(procs: Procs, workdir: Path, keys: Secrets) -> tuple[Child, int]:
+    """The durable-ack floor (bench/floor.py) on a database of its own."""
+    port = free_port()
+    database = workdir / "floor.db"
+    child = procs.start(
+        "floor",
+        [PYTHON, "-m", "bench.floor", "--port", str(port), "--database", str(database)],
+        cwd=REPO,
+        env=keys.env(),
+    )
+    child.wait_http(port, "/healthz")
+    return child, port
+
+
 @dataclass(frozen=True)
 class Commits:
     """The relay's relay_store_commit_seconds histogram: how long its fsyncs took."""

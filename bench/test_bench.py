@@ -353,3 +353,39 @@ def test_wrk_script_sends_each_threads_own_requests_and_counts_statuses(tmp_path
     assert result.statuses == {"200": result.answered}
     assert result.all_200
     assert 0 < result.p50_ms <= result.p99_ms
+
+
+def test_floor_stores_each_signed_webhook_once_and_refuses_a_bad_signature(
+    tmp_path: Path,
+) -> None:
+    import httpx
+
+    keys = stack.Secrets.fresh()
+    good, other = webhooks.make(2, 8000, keys.stripe)
+    with Procs(tmp_path) as procs:
+        child, port = stack.start_floor(procs, tmp_path, keys)
+        url = f"http://127.0.0.1:{port}/webhooks/stripe"
+        answers = []
+        for raw in (good, good, other):
+            _, headers, body = _split(raw)
+            answers.append(httpx.post(url, content=body, headers=headers).json())
+        _, headers, body = _split(good)
+        del headers["content-length"]
+        tampered = httpx.post(url, content=body.replace(b"}", b" }", 1), headers=headers)
+        procs.stop(child)
+    assert [(a["accepted"], a["duplicates"]) for a in answers] == [(1, 0), (0, 1), (1, 0)]
+    assert tampered.status_code == 401
+    conn = sqlite3.connect(tmp_path / "floor.db")
+    assert conn.execute("SELECT count(*) FROM dedupe").fetchone() == (2,)
+    conn.close()
+
+
+def test_ingest_rows_compare_the_relay_with_the_floor() -> None:
+    bare = _wrk(10_000, 10_064, 0, rps=2000, cpu=0.5)
+    floor = _wrk(10_000, 10_064, 0, rps=1000, cpu=0.5)
+    one = ingest.RelayRun(1, _wrk(1000, 1064, 1000, rps=500), _counts(1030), COMMITS, 0.12)
+    rows = _by_measure(ingest.rows(bare, bare, [one], None, floor))
+    assert rows["floor requests/s (verify, parse, durable insert)"].value.startswith(
+        "1,000, 0.50 x bare"
+    )
+    assert rows["relay / floor requests/s"].value == "0.50"
