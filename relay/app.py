@@ -23,6 +23,7 @@ from relay.forwarder import Forwarder
 from relay.housekeeping import Housekeeper
 from relay.ingest import Pipeline
 from relay.mapper import Mapper
+from relay.mapproc import MapperProcess
 from relay.metrics import Metrics
 from relay.storage import Store, open_store
 
@@ -40,15 +41,19 @@ class Runtime:
         worker: int = 0,
         workers: int = 1,
         rate_window: float = 60.0,
+        mapper_process: tuple[str, str] | None = None,
     ):
         self.config = config
+        # (log format, level): map in a child process (relay/mapproc.py), as `relay serve`
+        # does with one process; None: on a thread of this one.
+        self.mapper_process = mapper_process
         self.rate_window = rate_window  # tests only: see Forwarder
         # With workers > 1, each worker process receives webhooks; worker 0 alone forwards.
         self.worker = worker
         self.workers = workers
         self.metrics = Metrics()
         self.store: Store | None = None
-        self.mapper: Mapper | None = None
+        self.mapper: Mapper | MapperProcess | None = None
         self.pipeline: Pipeline | None = None
         self.forwarder: Forwarder | None = None
         self.housekeeper: Housekeeper | None = None
@@ -65,7 +70,10 @@ class Runtime:
         )
         await store.open()
         self.store = store
-        self.mapper = Mapper(cfg, store, self.metrics)
+        if self.mapper_process is not None and self.workers == 1:
+            self.mapper = MapperProcess(cfg, self.metrics, *self.mapper_process)
+        else:
+            self.mapper = Mapper(cfg, store, self.metrics)
         if self.worker > 0:  # receives and maps webhooks only
             await self.mapper.start()
             self.pipeline = Pipeline(cfg, store, self.metrics, self.mapper)
@@ -199,8 +207,9 @@ def create_app(
     worker: int = 0,
     workers: int = 1,
     rate_window: float = 60.0,
+    mapper_process: tuple[str, str] | None = None,
 ) -> Gateway:
-    runtime = Runtime(config, housekeeping_interval, worker, workers, rate_window)
+    runtime = Runtime(config, housekeeping_interval, worker, workers, rate_window, mapper_process)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ from collections.abc import Mapping as MappingABC
 from relay.config import Config, Source
 from relay.errors import InvalidBody, StoreError, Unavailable, UnknownSource
 from relay.mapper import Job, Mapper
+from relay.mapproc import MapperProcess
 from relay.metrics import Metrics
 from relay.providers.base import CREDENTIAL_HEADERS, WebhookRequest
 from relay.providers.shared import SharedToken
@@ -48,7 +49,9 @@ def safe_headers(source: Source, headers: MappingABC[str, str]) -> dict[str, str
 
 
 class Pipeline:
-    def __init__(self, config: Config, store: Store, metrics: Metrics, mapper: Mapper):
+    def __init__(
+        self, config: Config, store: Store, metrics: Metrics, mapper: Mapper | MapperProcess
+    ):
         self.config = config
         self.store = store
         self.metrics = metrics

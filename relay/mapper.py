@@ -108,6 +108,27 @@ def job_of(config: Config, hook: StoredWebhook) -> Job | None:
     return Job(hook.id, hook.source, hook.received_at, hook.headers, unique)
 
 
+def reloaded_mappings(config: Config) -> dict[str, Mapping] | None:
+    """Every mapping loaded again with its examples run, or None (logged) if any is broken."""
+    problems = []
+    refused = "mapping reload refused, keeping the mappings in use: %s"
+    try:
+        fresh = load_mappings(config)
+        for name, mapping in fresh.items():
+            problems += [str(p) for p in run_examples(mapping, config.sources[name].provider, name)]
+    except ConfigError as e:
+        log.error(refused, e.message)
+        return None
+    except Exception as e:  # a bug must not end as a traceback in the loop's signal handler
+        log.error(refused, f"{type(e).__name__}: {e}")
+        return None
+    if problems:
+        log.error(refused, "an example fails: " + "; ".join(problems[:3]))
+        return None
+    log.info("mappings reloaded: %s", ", ".join(sorted({str(m.path) for m in fresh.values()})))
+    return fresh
+
+
 class Mapper:
     def __init__(
         self,
@@ -115,17 +136,25 @@ class Mapper:
         store: Store,
         metrics: Metrics,
         on_queued: Callable[[dict[str, Queued]], None] | None = None,
+        inline: bool = False,
+        mappings: dict[str, Mapping] | None = None,
     ):
+        """`inline`: map on the event loop rather than on a thread of its own (a process that
+        does nothing but map: relay/mapproc.py). `mappings`: loaded already (else loaded)."""
         self.config = config
         self.store = store
         self.metrics = metrics
         self.on_queued = on_queued
-        self.mappings: dict[str, Mapping] = load_mappings(config)
+        # Told after every saved round, rows or not (relay/mapproc.py reports its counts).
+        self.on_round: Callable[[dict[str, Queued]], None] | None = None
+        self.mappings: dict[str, Mapping] = mappings or load_mappings(config)
         self._jobs: collections.deque[Job] = collections.deque()
         self._wake = asyncio.Event()
+        self._inline = inline
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-mapping")
         self._task: asyncio.Task[None] | None = None
         self._first_live: int | None = None  # the first webhook handed over by this process
+        self._scan = False  # read the store's unmapped set again (scan())
         self._stopping = False
 
     # -- life
@@ -151,6 +180,11 @@ class Mapper:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def scan(self) -> None:
+        """Map whatever is in the store's unmapped set (stored by another process)."""
+        self._scan = True
+        self._wake.set()
+
     def submit(self, job: Job) -> None:
         if self._first_live is None:
             self._first_live = job.webhook_id
@@ -161,29 +195,10 @@ class Mapper:
 
     def reload(self) -> bool:
         """Load every mapping again and run its examples; keep the old ones if any is broken."""
-        problems = []
-        try:
-            fresh = load_mappings(self.config)
-            for name, mapping in fresh.items():
-                problems += [
-                    str(p) for p in run_examples(mapping, self.config.sources[name].provider, name)
-                ]
-        except ConfigError as e:
-            log.error("mapping reload refused, keeping the mappings in use: %s", e.message)
-            return False
-        except Exception as e:  # a bug must not end as a traceback in the loop's signal handler
-            log.error(
-                "mapping reload refused, keeping the mappings in use: %s: %s", type(e).__name__, e
-            )
-            return False
-        if problems:
-            log.error(
-                "mapping reload refused, keeping the mappings in use: an example fails: %s",
-                "; ".join(problems[:3]),
-            )
+        fresh = reloaded_mappings(self.config)
+        if fresh is None:
             return False
         self.mappings = fresh
-        log.info("mappings reloaded: %s", ", ".join(sorted({str(m.path) for m in fresh.values()})))
         return True
 
     # -- the rounds
@@ -194,6 +209,13 @@ class Mapper:
         except StoreError as e:
             log.error("mapper: cannot read the unmapped webhooks: %s (mapped at next start)", e)
         while True:
+            if self._scan and not self._stopping:
+                self._scan = False
+                try:
+                    await self._recover(quiet=True)
+                except StoreError as e:
+                    log.error("mapper: cannot read the unmapped webhooks: %s (trying again)", e)
+                continue
             if not self._jobs:
                 if self._stopping:
                     return
@@ -208,7 +230,7 @@ class Mapper:
                 events += len(job.events)
             await self._round(jobs)
 
-    async def _recover(self) -> None:
+    async def _recover(self, quiet: bool = False) -> None:
         after = 0
         recovered = 0
         while not self._stopping:
@@ -221,16 +243,19 @@ class Mapper:
             jobs = [j for j in (job_of(self.config, h) for h in hooks) if j is not None]
             recovered += len(jobs)
             await self._round(jobs)
-        if recovered:
+        if recovered and not quiet:
             log.warning("mapped %d webhooks stored before the last stop but not mapped", recovered)
 
     async def _round(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         mappings = self.mappings
-        try:
-            mapped = await loop.run_in_executor(self._thread, self._map, jobs, mappings)
-        except RuntimeError:  # the thread pool is shut down: stopping
-            return
+        if self._inline:
+            mapped = self._map(jobs, mappings)
+        else:
+            try:
+                mapped = await loop.run_in_executor(self._thread, self._map, jobs, mappings)
+            except RuntimeError:  # the thread pool is shut down: stopping
+                return
         pause = SAVE_RETRY_FIRST
         failed_at: float | None = None
         while True:
@@ -251,6 +276,8 @@ class Mapper:
                 self.metrics.dead_letters.labels(dest).inc(q.dead)
         if self.on_queued is not None and queued:
             self.on_queued(queued)
+        if self.on_round is not None:
+            self.on_round(queued)
 
     def _map(self, jobs: list[Job], mappings: dict[str, Mapping]) -> list[Mapped]:
         """On the mapping thread: every job's events, mapped in order."""

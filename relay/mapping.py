@@ -221,8 +221,10 @@ class Mapping:
         rules: tuple[Rule, ...],
         examples: tuple[Example, ...],
         lines: KeyLines | None = None,
+        text: str = "",
     ):
         self.path = path
+        self.text = text  # the file as it was loaded
         self.provider = provider
         self.rules = rules
         self.examples = examples
@@ -321,23 +323,28 @@ class Mapping:
         return problems
 
 
-def load_mappings(config: Config) -> dict[str, Mapping]:
-    """Every source's mapping, each file loaded once. Raises ConfigError."""
+def load_mappings(
+    config: Config, texts: cabc.Mapping[str, str] | None = None
+) -> dict[str, Mapping]:
+    """Every source's mapping, each file loaded once. `texts`: the files' contents by path,
+    as another process loaded them (else they are read). Raises ConfigError."""
     by_file: dict[Path, Mapping] = {}
     out: dict[str, Mapping] = {}
     for name, source in config.sources.items():
         path = source.mapping
         if path not in by_file:
-            by_file[path] = load_mapping(path)
+            by_file[path] = load_mapping(path, None if texts is None else texts.get(str(path)))
         out[name] = by_file[path]
     return out
 
 
-def load_mapping(path: Path) -> Mapping:
-    """Read, check and compile a mapping file. Raises ConfigError naming file, key and line."""
+def load_mapping(path: Path, text: str | None = None) -> Mapping:
+    """Read (unless `text` is given), check and compile a mapping file. Raises ConfigError
+    naming file, key and line."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        if text is None:
+            text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(path, None, "mapping file not found") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -367,7 +374,7 @@ def load_mapping(path: Path) -> Mapping:
         fail("events", "must be an array of tables ([[events]])")
     rules = tuple(_compile_rule(i, raw, fail, lines) for i, raw in enumerate(events))
     examples = parse_examples(doc.get("examples", []), path, fail, lines.line)
-    return Mapping(path, provider, rules, examples, lines)
+    return Mapping(path, provider, rules, examples, lines, text)
 
 
 def _compile_rule(index: int, raw: dict[str, Any], fail: Fail, lines: KeyLines) -> Rule:

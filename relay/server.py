@@ -189,9 +189,12 @@ def build_server(
     mounts: list[BaseRoute] | None = None,
     worker: int = 0,
     workers: int = 1,
+    mapper_process: tuple[str, str] | None = None,
     **options: Any,
 ) -> RelayServer:
-    app = create_app(config, mounts=mounts, worker=worker, workers=workers)
+    app = create_app(
+        config, mounts=mounts, worker=worker, workers=workers, mapper_process=mapper_process
+    )
     uv = uvicorn.Config(
         app,
         host=host,
@@ -222,8 +225,8 @@ def serve(
     if role is None and config.relay.workers > 1:
         supervisor = Supervisor(config, host, port, config.relay.workers, log_format, log_level)
         return supervisor.run()
-    if role is None:
-        server = build_server(config, host, port, mounts)
+    if role is None:  # one process: it maps in a child (relay/mapproc.py)
+        server = build_server(config, host, port, mounts, mapper_process=(log_format, log_level))
         server.run()
     else:
         die_with_supervisor()

@@ -176,7 +176,12 @@ Next, in another terminal:
     )
     try:
         ok = run_server(
-            config, "127.0.0.1", port, mounts=[Mount(devmode.SANDBOX_PREFIX, app=sandbox_app)]
+            config,
+            "127.0.0.1",
+            port,
+            mounts=[Mount(devmode.SANDBOX_PREFIX, app=sandbox_app)],
+            log_format=log_format,
+            log_level=log_level,
         )
     finally:
         sandbox_app.state.sandbox.close()
