@@ -24,6 +24,7 @@ from relay.housekeeping import Housekeeper
 from relay.ingest import Pipeline
 from relay.mapper import Mapper
 from relay.metrics import Metrics
+from relay.refusals import Refusals
 from relay.storage import Store, open_store
 
 log = logging.getLogger("relay.webhook")
@@ -47,6 +48,7 @@ class Runtime:
         self.worker = worker
         self.workers = workers
         self.metrics = Metrics()
+        self.refusals = Refusals()  # the console's "Refused" page
         self.store: Store | None = None
         self.mapper: Mapper | None = None
         self.pipeline: Pipeline | None = None
