@@ -213,6 +213,11 @@ def create_app(
         finally:
             await runtime.stop()
 
+    console: list[BaseRoute] = []
+    if config.console is not None and config.console.enabled:
+        from relay.console import console_mount
+
+        console = [console_mount(runtime)]
     app = Starlette(
         routes=[
             Route(
@@ -221,6 +226,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *console,
             *(mounts or []),
         ],
         exception_handlers={HTTPException: http_error},
