@@ -177,7 +177,10 @@ def check_age(timestamp: str | None, now: float, tolerance: float, *, scale: flo
         raise InvalidSignature("timestamp outside the tolerance", "timestamp is not a number")
     if abs(now - ts) > tolerance:  # too old or too far ahead
         age = now - ts
-        when = f"{age:.0f} s old" if age > 0 else f"{-age:.0f} s in the future"
+        if abs(age) == float("inf"):
+            when = "out of range"
+        else:
+            when = f"{int(age)} s old" if age > 0 else f"{int(-age)} s in the future"
         raise InvalidSignature(
             "timestamp outside the tolerance",
             f"timestamp {when}, tolerance {tolerance:g} s",
