@@ -140,6 +140,11 @@ class SQLiteStore(Store):
         result: Ingested = await self._writer().batched(_ingest_many, item)
         return result
 
+    async def load(self, items: Sequence[Incoming]) -> list[Ingested]:
+        """Many webhooks in one transaction, as `ingest` stores them (benchmarks and tests
+        that need a big store quickly; not part of the Store interface)."""
+        return await self._write(_ingest_many, list(items))
+
     # -- the mapper
 
     async def unmapped(self, after: int, limit: int) -> list[StoredWebhook]:
