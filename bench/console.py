@@ -173,7 +173,8 @@ def run(workdir: Path, webhooks: int) -> list[Row]:
             ("search: body text (oldest only)", "/console/webhooks?q=buyer0%40example.com"),
             ("webhook detail", f"/console/webhooks/{middle}"),
             ("dead letters", "/console/dead"),
-            ("mappings (24 h rule counts)", "/console/mappings"),
+            ("mappings", "/console/mappings"),
+            ("mappings: 24 h rule counts (loaded after)", "/console/mappings/rules"),
         ]
         for label, path in pages:
             progress(f"  GET {path}")

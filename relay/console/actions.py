@@ -179,10 +179,12 @@ def _mappings(console: Console) -> dict[str, Mapping]:
         return {}
 
 
-async def _rules(console: Console) -> list[dict[str, Any]]:
+async def _rules(console: Console, counted: bool = False) -> list[dict[str, Any]]:
+    """Per mapping file its rules; with `counted`, how often each matched in the last 24 h
+    (a scan of a day of outbox rows: the page loads it afterwards, see mapping_rules)."""
     store = console.runtime.store
     assert store is not None
-    counts = await store.rule_counts(time.time() - 86400)
+    counts = await store.rule_counts(time.time() - 86400) if counted else None
     by_path: dict[Any, dict[str, Any]] = {}
     for name, mapping in _mappings(console).items():
         entry = by_path.setdefault(
@@ -196,12 +198,22 @@ async def _rules(console: Console) -> list[dict[str, Any]]:
             {
                 "label": r.label,
                 "line": r.line,
-                "count": sum(counts.get((s, r.index), 0) for s in entry["sources"]),
+                "count": None
+                if counts is None
+                else sum(counts.get((s, r.index), 0) for s in entry["sources"]),
             }
             for r in mapping.rules
         ]
         out.append(entry)
     return out
+
+
+async def mapping_rules(console: Console, request: Request, session: Session) -> Response:
+    """The rules with their 24 h counts, for htmx to put into the Mappings page."""
+    html = console.templates.get_template("_rules.html").render(
+        mappings=await _rules(console, counted=True)
+    )
+    return Response(html, media_type="text/html", headers={"cache-control": "no-store"})
 
 
 async def mappings(console: Console, request: Request, session: Session) -> Response:

@@ -231,6 +231,7 @@ def console_mount(runtime: Runtime) -> Mount:
             Route("/dead/replay", page(actions.replay), methods=["POST"]),
             Route("/dead/{id:int}", page(actions.dead_letter), methods=["GET"]),
             Route("/mappings", page(actions.mappings), methods=["GET"]),
+            Route("/mappings/rules", page(actions.mapping_rules), methods=["GET"]),
             Route("/mappings", page(actions.playground), methods=["POST"]),
             Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
         ],
