@@ -1,4 +1,4 @@
-"""python -m bench ingest|forward|burst|ready|all
+"""python -m bench ingest|forward|burst|ready|all|console
 
 Starts everything it needs on 127.0.0.1 (`relay serve`, `relay sandbox`, a bare Starlette
 app, wrk), stops all of it at the end (also on Ctrl-C or an error), prints progress to stderr
@@ -12,6 +12,8 @@ not be measured: ingest without wrk), 2 when a benchmark broke off with an error
     forward  draining a backlog at the track API's rate limit, and the time from a webhook's
              200 to its arrival at the track API when the limit is not in the way (forward.py)
     burst    100,000 webhooks while the track API refuses: memory, disk, none lost (burst.py)
+    console  the console's page timings with 1,000,000 stored webhooks (console.py; not in
+             `all`: filling the store takes minutes)
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import burst, forward, ingest, ready
+from bench import burst, console, forward, ingest, ready
 from bench.procs import progress, sigterm_as_interrupt
 from bench.report import Row, render, render_markdown
 
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench",
         description="Benchmarks of the relay; every target is checked and shown PASS or FAIL.",
     )
-    p.add_argument("which", choices=[*ORDER, "all"], help="what to run")
+    p.add_argument("which", choices=[*ORDER, "all", "console"], help="what to run")
     p.add_argument(
         "--duration",
         type=int,
@@ -89,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "flamegraph, .json speedscope, .txt raw (the figures of that run are "
         "taken under the profiler)",
     )
+    p.add_argument(
+        "--webhooks",
+        type=int,
+        default=1_000_000,
+        help="console: webhooks in the store (default 1000000)",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument(
         "--keep",
@@ -100,6 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration < 1
         or args.events < 1
         or args.burst_events < 1
+        or args.webhooks < 1
         or args.rpm < 1
         or args.speedup <= 0
         or not 0 < args.latency_rate <= forward.MAX_LATENCY_RATE
@@ -129,6 +138,8 @@ def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
             return ingest.skipped()
         profile = args.profile.resolve() if args.profile else None
         return ingest.run(workdir, args.duration, profile, args.workers)
+    if which == "console":
+        return console.run(workdir, args.webhooks)
     if which == "forward":
         return forward.run(workdir, args.events, args.rpm, args.speedup, args.latency_rate)
     return burst.run(workdir, args.burst_events)

@@ -25,6 +25,7 @@ from relay.ingest import Pipeline
 from relay.mapper import Mapper
 from relay.mapproc import MapperProcess
 from relay.metrics import Metrics
+from relay.refusals import Refusals
 from relay.storage import Store, open_store
 
 log = logging.getLogger("relay.webhook")
@@ -52,6 +53,7 @@ class Runtime:
         self.worker = worker
         self.workers = workers
         self.metrics = Metrics()
+        self.refusals = Refusals()  # the console's "Refused" page
         self.store: Store | None = None
         self.mapper: Mapper | MapperProcess | None = None
         self.pipeline: Pipeline | None = None
@@ -220,6 +222,11 @@ def create_app(
         finally:
             await runtime.stop()
 
+    console: list[BaseRoute] = []
+    if config.console is not None and config.console.enabled:
+        from relay.console import console_mount
+
+        console = [console_mount(runtime)]
     app = Starlette(
         routes=[
             Route(
@@ -228,6 +235,7 @@ def create_app(
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
+            *console,
             *(mounts or []),
         ],
         exception_handlers={HTTPException: http_error},

@@ -73,6 +73,14 @@ class TrackSettings:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """`[console]`: the web console at /console (see relay/console/)."""
+
+    enabled: bool = False
+    token: Secret | None = None  # sign-in; required unless the gateway listens on loopback only
+
+
+@dataclass(frozen=True)
 class Destination:
     """Where a source's events go: one queue per (API key, website)."""
 
@@ -104,6 +112,7 @@ class Config:
     relay: RelaySettings
     track: TrackSettings
     sources: Mapping[str, Source]
+    console: ConsoleSettings | None = None  # None: no [console] table, /console is 404
 
     @property
     def destinations(self) -> list[Destination]:
@@ -306,5 +315,12 @@ def parse_config(
         table.finish()
         sources[name] = Source(name, provider, verifier, mapping, destination)
     s.finish()
+    console = None
+    if "console" in root:
+        c = root.table("console")
+        console = ConsoleSettings(
+            enabled=c.boolean("enabled", False), token=c.secret("token", None)
+        )
+        c.finish()
     root.finish()
-    return Config(path=file, relay=relay, track=track, sources=sources)
+    return Config(path=file, relay=relay, track=track, sources=sources, console=console)

@@ -99,6 +99,9 @@ def write_dev_config(port: int, directory: Path = DEV_DIR) -> Path:
         "website_id = 1",
         'flush_interval = "2s"',
         "",
+        "[console]",
+        "enabled = true  # on loopback only: no sign-in",
+        "",
     ]
     for kind, settings in sources.items():
         lines.append(f"[sources.{kind}]")

@@ -49,8 +49,11 @@ class WebhookError(RelayError):
     status: int = 400
     code: str = "invalid_request"
 
-    def __init__(self, reason: str = ""):
+    def __init__(self, reason: str = "", detail: str | None = None):
         self.reason = reason or self.code
+        # What the console's "Refused" page shows: more precise than the answer's reason
+        # (e.g. how old the timestamp was), never a secret or a signature value.
+        self.detail = detail or self.reason
         super().__init__(self.reason)
 
 

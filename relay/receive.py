@@ -115,6 +115,7 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
         )
         length = headers.get("content-length")
         declared = int(length) if length is not None and length.isdigit() else None
+        size = declared or 0  # as declared, until the body is read
         relay = rt.config.relay
         body = await read_body(receive, declared, relay.max_body_bytes, relay.body_timeout)
         size = len(body)
@@ -137,6 +138,11 @@ async def handle(rt: Runtime, scope: Scope, receive: Receive, send: Send) -> Non
             size,
             (time.perf_counter() - started) * 1000,
         )
+        if e.status != 503:  # a refusal, not the relay's own trouble
+            client = scope.get("client")
+            rt.refusals.add(
+                received_at, name, e.status, e.code, e.detail, size, client[0] if client else ""
+            )
         extra: tuple[tuple[bytes, bytes], ...] = ()
         if e.status == 503:
             extra = ((b"retry-after", b"5"),)

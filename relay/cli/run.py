@@ -129,9 +129,15 @@ def serve(
         config = dataclasses.replace(
             config, relay=dataclasses.replace(config.relay, workers=workers)
         )
+    host, port = host or config.relay.host, port or config.relay.port
+    if config.console is not None:
+        from relay.console.auth import start_problem
+
+        problem = start_problem(config.console.enabled, config.console.token, host)
+        if problem:
+            fail(f"{config.path}: {problem}")
     setup_logs(log_format, log_level)
     open_database(config)
-    host, port = host or config.relay.host, port or config.relay.port
     if not run_server(config, host, port, log_format=log_format, log_level=log_level):
         if config.relay.workers > 1:
             fail("a worker failed (see the log above)")
@@ -166,6 +172,7 @@ relay dev: gateway and sandbox track API on {base}
   sources: {names}
   webhook URL: {base}/webhooks/<source>   e.g. {base}/webhooks/stripe
   sandbox API key: {key}
+  console: {base}/console
 
 Next, in another terminal:
   relay send-test stripe                         # a signed checkout.session.completed

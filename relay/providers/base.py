@@ -158,6 +158,11 @@ def json_events(request: WebhookRequest, sender: str) -> list[dict[str, Any]]:
     return body
 
 
+def no_match(tried: int) -> str:
+    """The precise reason for a signature that matched none of the secrets."""
+    return f"no signature matched, {tried} secret{'s' if tried != 1 else ''} tried"
+
+
 def check_age(timestamp: str | None, now: float, tolerance: float, *, scale: float = 1.0) -> float:
     """Parse a timestamp header and refuse it when outside the tolerance. Returns seconds."""
     from relay.errors import InvalidSignature
@@ -168,6 +173,16 @@ def check_age(timestamp: str | None, now: float, tolerance: float, *, scale: flo
         ts = float(timestamp) / scale
     except ValueError:
         raise InvalidSignature("malformed timestamp") from None
-    if ts != ts or abs(now - ts) > tolerance:  # NaN, too old or too far ahead
-        raise InvalidSignature("timestamp outside the tolerance")
+    if ts != ts:  # NaN
+        raise InvalidSignature("timestamp outside the tolerance", "timestamp is not a number")
+    if abs(now - ts) > tolerance:  # too old or too far ahead
+        age = now - ts
+        if abs(age) == float("inf"):
+            when = "out of range"
+        else:
+            when = f"{int(age)} s old" if age > 0 else f"{int(-age)} s in the future"
+        raise InvalidSignature(
+            "timestamp outside the tolerance",
+            f"timestamp {when}, tolerance {tolerance:g} s",
+        )
     return ts

@@ -28,6 +28,7 @@ from relay.providers.base import (
     WebhookRequest,
     check_age,
     loads,
+    no_match,
 )
 from relay.settings import ConfigTable, Secret
 
@@ -292,7 +293,7 @@ class HmacProvider(Provider):
             # Compare with every given signature, so timing says nothing about which one.
             if sum(hmac.compare_digest(expected, g.encode("utf-8", "replace")) for g in given):
                 return
-        raise InvalidSignature("no signature matches")
+        raise InvalidSignature("no signature matches", no_match(len(self.secrets)))
 
     # -- events --------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from relay.providers.base import (
     WebhookRequest,
     check_age,
     json_events,
+    no_match,
 )
 from relay.providers.hmac import called_url, config_url
 from relay.settings import ConfigTable, Secret
@@ -126,7 +127,7 @@ class HubSpotProvider(Provider):
                 expected = sign_v2(secret.reveal(), request.method, uri, request.body)
             if _same(expected, given):
                 return
-        raise InvalidSignature("no signature matches")
+        raise InvalidSignature("no signature matches", no_match(len(self.secrets)))
 
     def _verify_v3(self, request: WebhookRequest) -> None:
         given = request.header(V3_HEADER)
@@ -140,7 +141,7 @@ class HubSpotProvider(Provider):
             expected = sign_v3(secret.reveal(), request.method, uri, request.body, timestamp)
             if _same(expected, given.strip()):
                 return
-        raise InvalidSignature("no signature matches")
+        raise InvalidSignature("no signature matches", no_match(len(self.secrets)))
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
         events = []

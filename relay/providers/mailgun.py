@@ -33,6 +33,7 @@ from relay.providers.base import (
     WebhookRequest,
     check_age,
     json_body,
+    no_match,
 )
 from relay.providers.forms import MULTIPART, URLENCODED, FormError, parse_form
 from relay.settings import ConfigTable, Secret
@@ -107,7 +108,7 @@ class MailgunProvider(Provider):
         # Compare every pair, so the time taken says nothing about which one matched.
         ok = [hmac.compare_digest(e, o) for e in expected for o in offered]
         if not any(ok):
-            raise InvalidSignature("no signature matches")
+            raise InvalidSignature("no signature matches", no_match(len(self.secrets)))
         check_age(timestamp, request.received_at, self.tolerance)
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:

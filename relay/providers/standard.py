@@ -24,6 +24,7 @@ from relay.providers.base import (
     WebhookRequest,
     check_age,
     json_body,
+    no_match,
 )
 from relay.settings import ConfigTable, Secret
 
@@ -103,7 +104,9 @@ class StandardProvider(Provider):
                 raise InvalidSignature("body is not UTF-8: it cannot carry a signature") from None
             except Exception:  # the package raises bare ValueError, binascii.Error, ... on junk
                 reason = "malformed webhook-signature header"
-        raise InvalidSignature(reason)
+        raise InvalidSignature(
+            reason, no_match(len(self.secrets)) if reason == "no signature matches" else None
+        )
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
         msg_id = sender_headers(request)["webhook-id"]

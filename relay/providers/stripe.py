@@ -17,6 +17,7 @@ from relay.providers.base import (
     WebhookRequest,
     check_age,
     json_body,
+    no_match,
 )
 from relay.settings import ConfigTable, Secret
 
@@ -73,7 +74,9 @@ class StripeProvider(Provider):
                 continue
             check_age(_timestamp(header), request.received_at, self.tolerance)
             return
-        raise InvalidSignature(reason)
+        raise InvalidSignature(
+            reason, no_match(len(self.secrets)) if reason == "no signature matches" else None
+        )
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
         body = json_body(request)

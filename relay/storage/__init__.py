@@ -15,7 +15,9 @@ from relay.storage.base import (
     DEAD,
     DELIVERED,
     IN_FLIGHT,
+    OUTCOMES,
     PENDING,
+    Activity,
     Counts,
     DestinationRow,
     Incoming,
@@ -27,13 +29,16 @@ from relay.storage.base import (
     Row,
     Store,
     StoredWebhook,
+    WebhookSummary,
 )
 
 __all__ = [
     "DEAD",
     "DELIVERED",
     "IN_FLIGHT",
+    "OUTCOMES",
     "PENDING",
+    "Activity",
     "Counts",
     "DestinationRow",
     "Incoming",
@@ -45,6 +50,7 @@ __all__ = [
     "Row",
     "Store",
     "StoredWebhook",
+    "WebhookSummary",
     "open_store",
     "run_with",
 ]

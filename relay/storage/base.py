@@ -143,6 +143,35 @@ class Counts:
     unmapped: int = 0
 
 
+OUTCOMES = ("pending", "delivered", "dead", "ignored")  # a webhook's, for the console's filter
+
+
+@dataclass(frozen=True)
+class WebhookSummary:
+    """A stored webhook with where its outbox rows are (the console's list)."""
+
+    hook: StoredWebhook
+    states: dict[int, int]  # outbox rows per state
+    event_types: tuple[str, ...]  # of its outbox rows, each once
+    unmapped: bool  # committed, not mapped yet
+
+    @property
+    def outcome(self) -> str:
+        if self.states.get(DEAD):
+            return "dead"
+        if self.unmapped or self.states.get(PENDING) or self.states.get(IN_FLIGHT):
+            return "pending"
+        return "delivered" if self.states else "ignored"
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Per step (0 the oldest) since a time: webhooks received and outbox rows delivered."""
+
+    received: dict[int, int]
+    delivered: dict[int, int]
+
+
 class Store(abc.ABC):
     """The relay's state. One instance per process; `open` before use, `close` after."""
 
@@ -258,6 +287,55 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def requeue(self, items: Sequence[tuple[int, str]], now: float) -> list[int]:
         """Dead letters (id, body) back in the queue; the ids that were dead and are queued."""
+
+    # -- the console (all reads; keyset pagination: `before` is the last id shown)
+
+    @abc.abstractmethod
+    async def webhook_page(
+        self,
+        before: int | None,
+        limit: int,
+        source: str | None = None,
+        outcome: str | None = None,
+        event_type: str | None = None,
+        after: int | None = None,
+    ) -> list[WebhookSummary]:
+        """Webhooks newest first, with id < `before` and > `after` when given; `outcome` one
+        of OUTCOMES; `event_type` matches the type of one of its outbox rows."""
+
+    @abc.abstractmethod
+    async def search_webhooks(
+        self, text: str, sources: Sequence[str], before: int | None, limit: int
+    ) -> list[WebhookSummary]:
+        """The webhook that took event id `text` in one of `sources` (the dedupe keys), else
+        webhooks whose body holds `text` (case-insensitive for ASCII), newest first."""
+
+    @abc.abstractmethod
+    async def webhook_outbox(self, webhook_id: int) -> list[OutboxEntry]:
+        """The outbox rows its mapping made, by id."""
+
+    @abc.abstractmethod
+    async def event_owners(self, source: str, keys: Sequence[str]) -> dict[str, int | None]:
+        """Per event key of a source, the webhook whose copy of it was taken (dedupe), if
+        still known."""
+
+    @abc.abstractmethod
+    async def activity(self, since: float, step: float, now: float) -> Activity:
+        """Webhooks received and rows delivered from `since` to `now`, per `step` seconds."""
+
+    @abc.abstractmethod
+    async def rule_counts(self, since: float) -> dict[tuple[str, int | None], int]:
+        """Outbox rows made per (source, rule) for webhooks received since `since`."""
+
+    @abc.abstractmethod
+    async def dead_letter_page(
+        self, before: int | None, limit: int, source: str | None = None
+    ) -> list[OutboxEntry]:
+        """Dead letters newest first, id < `before`, of one source when given."""
+
+    @abc.abstractmethod
+    async def dead_letter_ids(self, source: str | None = None) -> list[int]:
+        """The ids of every dead letter (of one source when given), oldest first."""
 
     @abc.abstractmethod
     async def check_writable(self, need: int) -> str | None:

@@ -17,6 +17,7 @@ from relay.storage.base import (
     DELIVERED,
     IN_FLIGHT,
     PENDING,
+    Activity,
     Counts,
     DestinationRow,
     Incoming,
@@ -27,6 +28,7 @@ from relay.storage.base import (
     Row,
     Store,
     StoredWebhook,
+    WebhookSummary,
     first_each,
 )
 from relay.storage.sqlite_schema import connect, migrate
@@ -138,6 +140,11 @@ class SQLiteStore(Store):
         result: Ingested = await self._writer().batched(_ingest_many, item)
         return result
 
+    async def load(self, items: Sequence[Incoming]) -> list[Ingested]:
+        """Many webhooks in one transaction, as `ingest` stores them (benchmarks and tests
+        that need a big store quickly; not part of the Store interface)."""
+        return await self._write(_ingest_many, list(items))
+
     # -- the mapper
 
     async def unmapped(self, after: int, limit: int) -> list[StoredWebhook]:
@@ -218,6 +225,44 @@ class SQLiteStore(Store):
 
     async def requeue(self, items: Sequence[tuple[int, str]], now: float) -> list[int]:
         return await self._write(_requeue, list(items), now)
+
+    # -- the console
+
+    async def webhook_page(
+        self,
+        before: int | None,
+        limit: int,
+        source: str | None = None,
+        outcome: str | None = None,
+        event_type: str | None = None,
+        after: int | None = None,
+    ) -> list[WebhookSummary]:
+        return await self._read(_webhook_page, before, limit, source, outcome, event_type, after)
+
+    async def search_webhooks(
+        self, text: str, sources: Sequence[str], before: int | None, limit: int
+    ) -> list[WebhookSummary]:
+        return await self._read(_search_webhooks, text, list(sources), before, limit)
+
+    async def webhook_outbox(self, webhook_id: int) -> list[OutboxEntry]:
+        return await self._read(_webhook_outbox, webhook_id)
+
+    async def event_owners(self, source: str, keys: Sequence[str]) -> dict[str, int | None]:
+        return await self._read(_event_owners, source, list(keys))
+
+    async def activity(self, since: float, step: float, now: float) -> Activity:
+        return await self._read(_activity, since, step, now)
+
+    async def rule_counts(self, since: float) -> dict[tuple[str, int | None], int]:
+        return await self._read(_rule_counts, since)
+
+    async def dead_letter_page(
+        self, before: int | None, limit: int, source: str | None = None
+    ) -> list[OutboxEntry]:
+        return await self._read(_dead_letter_page, before, limit, source)
+
+    async def dead_letter_ids(self, source: str | None = None) -> list[int]:
+        return await self._read(_dead_letter_ids, source)
 
     async def check_writable(self, need: int) -> str | None:
         """Enough disk for one webhook, then a real write by the webhooks' own road (the
@@ -652,6 +697,180 @@ def _requeue(conn: sqlite3.Connection, items: list[tuple[int, str]], now: float)
         if n:
             done.append(row_id)
     return done
+
+
+_NO_ID = 1 << 62  # `before` when none is given: past every id
+
+
+def _summaries(conn: sqlite3.Connection, rows: list[sqlite3.Row]) -> list[WebhookSummary]:
+    """The webhooks of one page with their outbox rows' states and types (one more query)."""
+    ids = [r["id"] for r in rows]
+    if not ids:
+        return []
+    states: dict[int, dict[int, int]] = {}
+    types: dict[int, dict[str, None]] = {}
+    for wid, state, etype, n in conn.execute(
+        f"SELECT webhook_id, state, event_type, count(*) FROM outbox "
+        f"WHERE webhook_id IN ({_in(ids)}) GROUP BY webhook_id, state, event_type",
+        ids,
+    ):
+        per = states.setdefault(wid, {})
+        per[state] = per.get(state, 0) + n
+        if etype is not None:
+            types.setdefault(wid, {})[etype] = None
+    waiting = {
+        r[0]
+        for r in conn.execute(
+            f"SELECT webhook_id FROM unmapped WHERE webhook_id IN ({_in(ids)})", ids
+        )
+    }
+    return [
+        WebhookSummary(
+            _stored(r), states.get(r["id"], {}), tuple(types.get(r["id"], {})), r["id"] in waiting
+        )
+        for r in rows
+    ]
+
+
+_HAS_ROWS = "EXISTS (SELECT 1 FROM outbox o WHERE o.webhook_id = w.id{})"
+_OUTCOME_SQL = {
+    "dead": _HAS_ROWS.format(f" AND o.state = {DEAD}"),
+    "pending": f"(EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id) OR "
+    f"{_HAS_ROWS.format(f' AND o.state IN ({PENDING}, {IN_FLIGHT})')}) AND NOT "
+    f"{_HAS_ROWS.format(f' AND o.state = {DEAD}')}",
+    "delivered": f"{_HAS_ROWS.format('')} AND NOT "
+    f"{_HAS_ROWS.format(f' AND o.state <> {DELIVERED}')}"
+    " AND NOT EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id)",
+    "ignored": f"NOT {_HAS_ROWS.format('')} "
+    "AND NOT EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id)",
+}
+
+
+def _webhook_page(
+    conn: sqlite3.Connection,
+    before: int | None,
+    limit: int,
+    source: str | None,
+    outcome: str | None,
+    event_type: str | None,
+    after: int | None,
+) -> list[WebhookSummary]:
+    where = ["w.id < ?", "w.id > ?"]
+    params: list[Any] = [_NO_ID if before is None else before, 0 if after is None else after]
+    if source is not None:
+        where.append("w.source = ?")
+        params.append(source)
+    if outcome is not None:
+        where.append(_OUTCOME_SQL[outcome])
+    if event_type is not None:
+        where.append(_HAS_ROWS.format(" AND o.event_type = ?"))
+        params.append(event_type)
+    rows = conn.execute(
+        f"SELECT w.* FROM webhooks w WHERE {' AND '.join(where)} ORDER BY w.id DESC LIMIT ?",
+        (*params, limit),
+    ).fetchall()
+    return _summaries(conn, rows)
+
+
+def _search_webhooks(
+    conn: sqlite3.Connection, text: str, sources: list[str], before: int | None, limit: int
+) -> list[WebhookSummary]:
+    top = _NO_ID if before is None else before
+    rows: list[sqlite3.Row] = []
+    if sources:
+        rows = conn.execute(
+            f"SELECT w.* FROM webhooks w WHERE w.id < ? AND w.id IN (SELECT webhook_id "
+            f"FROM dedupe WHERE key = ? AND source IN ({_in(sources)})) "
+            "ORDER BY w.id DESC LIMIT ?",
+            (top, text, *sources, limit),
+        ).fetchall()
+    if not rows:
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        rows = conn.execute(
+            "SELECT w.* FROM webhooks w WHERE w.id < ? AND CAST(w.body AS TEXT) LIKE ? ESCAPE '\\' "
+            "ORDER BY w.id DESC LIMIT ?",
+            (top, pattern, limit),
+        ).fetchall()
+    return _summaries(conn, rows)
+
+
+def _webhook_outbox(conn: sqlite3.Connection, webhook_id: int) -> list[OutboxEntry]:
+    rows = conn.execute(_ENTRY + "WHERE o.webhook_id = ? ORDER BY o.id", (webhook_id,))
+    return [_entry(r) for r in rows]
+
+
+def _event_owners(conn: sqlite3.Connection, source: str, keys: list[str]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        for key, wid in conn.execute(
+            f"SELECT key, webhook_id FROM dedupe WHERE source = ? AND key IN ({_in(chunk)})",
+            (source, *chunk),
+        ):
+            out[key] = wid
+    return out
+
+
+def _activity(conn: sqlite3.Connection, since: float, step: float, now: float) -> Activity:
+    # CAST truncates towards zero in SQLite (the values are >= 0); floor() elsewhere.
+    received = {
+        int(b): n
+        for b, n in conn.execute(
+            "SELECT CAST((received_at - ?) / ? AS INTEGER) AS b, count(*) FROM webhooks "
+            "WHERE received_at >= ? AND received_at <= ? GROUP BY b",
+            (since, step, since, now),
+        )
+    }
+    delivered = {
+        int(b): n
+        for b, n in conn.execute(
+            "SELECT CAST((done_at - ?) / ? AS INTEGER) AS b, count(*) FROM outbox "
+            "WHERE state = ? AND done_at >= ? AND done_at <= ? GROUP BY b",
+            (since, step, DELIVERED, since, now),
+        )
+    }
+    return Activity(received, delivered)
+
+
+def _rule_counts(conn: sqlite3.Connection, since: float) -> dict[tuple[str, int | None], int]:
+    return {
+        (source, rule): n
+        for source, rule, n in conn.execute(
+            "SELECT w.source, o.rule, count(*) FROM webhooks w "
+            "JOIN outbox o ON o.webhook_id = w.id WHERE w.received_at >= ? "
+            "GROUP BY w.source, o.rule",
+            (since,),
+        )
+    }
+
+
+def _dead_letter_page(
+    conn: sqlite3.Connection, before: int | None, limit: int, source: str | None
+) -> list[OutboxEntry]:
+    top = _NO_ID if before is None else before
+    if source is None:
+        rows = conn.execute(
+            _ENTRY + "WHERE o.state = ? AND o.id < ? ORDER BY o.id DESC LIMIT ?",
+            (DEAD, top, limit),
+        )
+    else:
+        rows = conn.execute(
+            _ENTRY + "WHERE o.state = ? AND o.id < ? AND w.source = ? ORDER BY o.id DESC LIMIT ?",
+            (DEAD, top, source, limit),
+        )
+    return [_entry(r) for r in rows]
+
+
+def _dead_letter_ids(conn: sqlite3.Connection, source: str | None) -> list[int]:
+    sql = "SELECT id FROM outbox WHERE state = ? ORDER BY id"
+    params: tuple[Any, ...] = (DEAD,)
+    if source is not None:
+        sql = (
+            "SELECT o.id FROM outbox o JOIN webhooks w ON w.id = o.webhook_id "
+            "WHERE o.state = ? AND w.source = ? ORDER BY o.id"
+        )
+        params = (DEAD, source)
+    return [r[0] for r in conn.execute(sql, params)]
 
 
 def _touch(conn: sqlite3.Connection) -> None:

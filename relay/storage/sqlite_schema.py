@@ -134,6 +134,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE destinations ADD COLUMN paused_until REAL;
     CREATE INDEX sent_key ON sent (key_id, at);
     """,
+    # 4: the console's reads: webhooks by source and by time, deliveries by time
+    """
+    CREATE INDEX webhooks_source ON webhooks (source, id);
+    CREATE INDEX webhooks_received ON webhooks (received_at);
+    CREATE INDEX outbox_delivered ON outbox (done_at) WHERE state = 2;
+    """,
 ]
 
 
