@@ -295,9 +295,34 @@ def refused(response: httpx.Response) -> None:
     assert body["ok"] is False and body["error"] == "invalid_signature"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (per xdist worker), stopped at the end; skips
+    when the server binaries or psycopg are not installed."""
+    from tests.pgserver import PGServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    server = PGServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """The URL of a fresh, empty PostgreSQL database (with its password)."""
+    url: str = pg_server.create_database()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
     """A factory of stores on one fresh database of each backend (the storage tests)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return lambda: open_store(url)
     return lambda: open_store(tmp_path / "relay.db")
 
 
