@@ -48,6 +48,7 @@ SCHEMES = ("postgresql", "postgres")
 LEASE = 30.0  # seconds a claim holds its rows without a renewal (the owner died)
 CONNECT_TIMEOUT = 10.0
 READY_TIMEOUT_MS = 2000
+NO_PSYCOPG = "PostgreSQL needs psycopg: pip install 'webhook-relay[postgres]'"
 NOW = "extract(epoch from clock_timestamp())"
 
 
@@ -115,7 +116,7 @@ class PostgresStore(Store):
             import psycopg
             from psycopg_pool import AsyncConnectionPool
         except ImportError:
-            raise StoreError("PostgreSQL needs psycopg: pip install 'webhook-relay[postgres]'") from None
+            raise StoreError(NO_PSYCOPG) from None
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
@@ -545,7 +546,7 @@ class PostgresStore(Store):
         try:
             import psycopg
         except ImportError:
-            return "PostgreSQL needs psycopg: pip install 'webhook-relay[postgres]'"
+            return NO_PSYCOPG
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
