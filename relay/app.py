@@ -95,7 +95,7 @@ class Runtime:
             "relay ready: %d source(s), %d destination(s), database %s%s",
             len(cfg.sources),
             len(cfg.destinations),
-            cfg.relay.database,
+            store.url,
             f", {self.workers} workers" if self.workers > 1 else "",
         )
 

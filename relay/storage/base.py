@@ -263,6 +263,12 @@ class Store(abc.ABC):
     async def check_writable(self, need: int) -> str | None:
         """None when a webhook of `need` bytes could be stored now, else why not."""
 
+    async def schema_problem(self) -> str | None:
+        """Before opening: None when the database is reachable and its schema up to date, else
+        why not, in one line (`relay check`, read-only commands). Nothing is migrated. A SQLite
+        file is checked with the config (relay.config.database_problem)."""
+        return None
+
     # -- housekeeping
 
     @abc.abstractmethod
