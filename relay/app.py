@@ -66,7 +66,7 @@ class Runtime:
         await store.open()
         self.store = store
         self.mapper = Mapper(cfg, store, self.metrics)
-        if self.worker > 0:  # receives and maps webhooks only
+        if self.worker > 0 and not store.replicated:  # receives and maps webhooks only
             await self.mapper.start()
             self.pipeline = Pipeline(cfg, store, self.metrics, self.mapper)
             applog.info("worker %d of %d ready", self.worker, self.workers)

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -48,6 +50,8 @@ SCHEMES = ("postgresql", "postgres")
 LEASE = 30.0  # seconds a claim holds its rows without a renewal (the owner died)
 CONNECT_TIMEOUT = 10.0
 READY_TIMEOUT_MS = 2000
+SENDER_CHECK = 1.0  # the sender proves its lock's connection alive at most this often
+CHANNEL = "relay_queued"
 NO_PSYCOPG = "PostgreSQL needs psycopg: pip install 'webhook-relay[postgres]'"
 NOW = "extract(epoch from clock_timestamp())"
 
@@ -71,6 +75,12 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def sender_key(key_id: str) -> int:
+    """The advisory lock of an API key's sender: 64 bits of a hash of its fingerprint."""
+    digest = hashlib.blake2b(f"relay sender {key_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _secrets(url: str) -> list[str]:
     found = []
     with contextlib.suppress(ValueError):
@@ -86,6 +96,8 @@ def _secrets(url: str) -> list[str]:
 
 
 class PostgresStore(Store):
+    replicated = True
+
     def __init__(
         self,
         url: str,
@@ -102,8 +114,20 @@ class PostgresStore(Store):
         self._pool: Any = None
         self._renewer: asyncio.Task[None] | None = None
         self._prune_after = 0
+        self._locks: Any = None  # the sender locks' own connection
+        self._locks_lock = asyncio.Lock()
+        self._held: set[str] = set()
+        self._checked = 0.0
+        self._watcher: asyncio.Task[None] | None = None
 
     # -- plumbing
+
+    async def _connect(self) -> Any:
+        import psycopg
+
+        return await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, connect_timeout=int(self.connect_timeout)
+        )
 
     def _clean(self, e: BaseException) -> str:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -151,11 +175,17 @@ class PostgresStore(Store):
         self._renewer = asyncio.get_running_loop().create_task(self._renew_leases())
 
     async def close(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        for task in (self._renewer, self._watcher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._renewer = self._watcher = None
+        if self._locks is not None:
+            locks, self._locks = self._locks, None
+            self._held.clear()
+            with contextlib.suppress(Exception):
+                await locks.close()  # the sender locks go with it: another replica takes over
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
@@ -311,11 +341,12 @@ class PostgresStore(Store):
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         rows,
                     )
-            if pending:
-                await conn.execute(
-                    "SELECT pg_notify('relay_queued', d) FROM unnest(%s::text[]) AS d",
-                    (sorted(pending),),
-                )
+            if pending:  # sent at commit; the sender of each destination's key wakes
+                payload = {
+                    "r": self.replica,
+                    "q": {d: [len(times), min(times)] for d, times in pending.items()},
+                }
+                await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(payload)))
         return {
             dest: Queued(
                 len(pending.get(dest, [])),
@@ -328,10 +359,12 @@ class PostgresStore(Store):
     # -- the forwarder
 
     async def queue_depths(self, destinations: Sequence[str]) -> dict[str, Queued]:
+        """Pending rows, with the rows a dead replica left in flight (their lease ran out)."""
         rows = await self._all(
             "SELECT destination, count(*), min(created_at) FROM outbox "
-            "WHERE destination = ANY(%s) AND state = %s GROUP BY destination",
-            (list(destinations), PENDING),
+            "WHERE destination = ANY(%s) AND "
+            f"  (state = %s OR (state = %s AND lease_until < {NOW})) GROUP BY destination",
+            (list(destinations), PENDING, IN_FLIGHT),
         )
         return {r[0]: Queued(int(r[1]), r[2]) for r in rows if r[1]}
 
@@ -537,6 +570,73 @@ class PostgresStore(Store):
             removed, cursor = await _prune(conn, now, dedupe_window, retention, self._prune_after)
         self._prune_after = cursor if cursor is not None else 0
         return removed + (1 if cursor is not None else 0)
+
+    # -- several replicas
+
+    async def hold_sender(self, key_id: str) -> bool:
+        """One sender per API key across replicas: a session advisory lock on a connection of
+        its own, so it goes when this process dies (the server ends its session) and another
+        replica, asking again, gets it within its next check."""
+        import psycopg
+
+        async with self._locks_lock:
+            try:
+                if self._locks is None or self._locks.closed or self._locks.broken:
+                    if self._locks is not None:
+                        log.warning("the sender locks' connection was lost; electing again")
+                    self._held.clear()
+                    self._locks = None
+                    self._locks = await self._connect()
+                conn = self._locks
+                if key_id in self._held:
+                    if time.monotonic() - self._checked >= SENDER_CHECK:
+                        await conn.execute("SELECT 1")
+                        self._checked = time.monotonic()
+                    return True
+                cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (sender_key(key_id),))
+                row = await cur.fetchone()
+                if row and row[0]:
+                    self._held.add(key_id)
+                    self._checked = time.monotonic()
+                    return True
+                return False
+            except (psycopg.Error, OSError) as e:
+                log.warning("sender election failed: %s", self._clean(e))
+                self._held.clear()
+                if self._locks is not None:
+                    with contextlib.suppress(Exception):
+                        await self._locks.close()
+                self._locks = None
+                return False
+
+    def watch_queued(self, callback: Callable[[dict[str, Queued]], None]) -> None:
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(callback))
+
+    async def _watch(self, callback: Callable[[dict[str, Queued]], None]) -> None:
+        """LISTEN for the rows other replicas queue, and pass them on."""
+        import psycopg
+
+        while True:
+            try:
+                conn = await self._connect()
+                try:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    async for notice in conn.notifies():
+                        try:
+                            data = json.loads(notice.payload)
+                        except ValueError:
+                            continue
+                        if data.get("r") == self.replica:
+                            continue  # this process's own mapper told the forwarder already
+                        callback({d: Queued(int(n), o) for d, (n, o) in data["q"].items()})
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError) as e:
+                log.warning("listening for queued rows failed: %s", self._clean(e))
+            await asyncio.sleep(1.0)
 
     # -- health
 
