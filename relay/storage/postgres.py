@@ -47,7 +47,7 @@ from relay.storage.postgres_schema import MIGRATIONS, PRUNE_LOCK, current_versio
 log = logging.getLogger("relay.storage")
 
 SCHEMES = ("postgresql", "postgres")
-LEASE = 30.0  # seconds a claim holds its rows without a renewal (the owner died)
+LEASE = 15.0  # seconds a claim holds its rows without a renewal (its replica died)
 CONNECT_TIMEOUT = 10.0
 READY_TIMEOUT_MS = 2000
 SENDER_CHECK = 1.0  # the sender proves its lock's connection alive at most this often
@@ -102,13 +102,13 @@ class PostgresStore(Store):
         self,
         url: str,
         pool_size: int = 10,
-        lease: float = LEASE,
+        lease: float | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
     ):
         self._conninfo = url
         self.url = safe_url(url)
         self.pool_size = pool_size
-        self.lease = lease
+        self.lease = LEASE if lease is None else lease
         self.connect_timeout = connect_timeout
         self.replica = uuid.uuid4().hex[:16]  # the owner of this process's claims
         self._pool: Any = None
