@@ -1,7 +1,7 @@
 """Three relays on one PostgreSQL database act as one: behind a round-robin client that tries
 the next replica when one fails, with Stripe-style retries sent to another replica, and the
 sender of the API key SIGKILLed twice under load, nothing acknowledged is lost, no retry is
-counted twice, and together they stay within one requests_per_minute (0 × 429 at a sandbox
+counted twice, and together they stay within one requests_per_minute (no 429 at a sandbox
 that enforces it) with full batches."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Replica:
                     str(self.port),
                     str(WINDOW),
                     str(LEASE),
-                ],  # fmt: skip
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
