@@ -22,7 +22,11 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, Sandbox, relay_toml, stripe_event, stripe_post
+from tests.pgserver import PASSWORD as PG_PASSWORD
 from tests.servers import free_port
+from tests.test_process import relay_process
+
+__all__ = ["relay_process"]  # the fixture
 
 WINDOW = 2.0  # the rate limit's window, for the sandbox and the relays (the API's is 60 s)
 PER_WINDOW = 8  # requests_per_minute, counted over WINDOW: 4 requests (100 events) a second
@@ -240,3 +244,27 @@ def test_three_replicas_act_as_one_relay(
     assert requests["by_status"].get("429", 0) == 0, requests["by_status"]
     assert mean_batch >= 24.0, mean_batch
     assert all(f < 2 * WINDOW + 3 for f in failover), failover
+
+
+def test_workers_on_postgres_are_replicas(
+    pg_url: str, sandbox: Sandbox, relay_process: Callable[..., Any]
+) -> None:
+    """`relay serve --workers 2` on PostgreSQL: each worker forwards and keeps house, one of
+    them at a time sends with the API key; each event once, retries duplicates."""
+    from tests.test_workers import post_all, post_fresh_connection, wait_delivered
+
+    relay = relay_process(
+        sandbox, track='flush_interval = "300ms"', relay=f'database = "{pg_url}"\nworkers = 2'
+    )
+    relay.start()
+    events = [stripe_event() for _ in range(300)]
+    assert post_all(relay.port, events) == [200] * 300
+    answers = [post_fresh_connection(relay.port, e).json() for e in events[:50]]
+    assert answers == [{"ok": True, "accepted": 0, "duplicates": 1}] * 50
+    delivered = wait_delivered(sandbox, 300, timeout=60)
+    assert sorted(delivered) == sorted(e["data"]["object"]["id"] for e in events)
+    assert relay.signal(signal.SIGTERM) == 0
+    log = relay.log.read_text()
+    assert "(replicas)" in log and log.count("relay stopped cleanly") == 2
+    assert log.count("sending with API key") == 1, log  # one sender, no failover
+    assert "Traceback" not in log and PG_PASSWORD not in log
