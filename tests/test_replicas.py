@@ -188,7 +188,7 @@ def test_three_replicas_act_as_one_relay(
         relay_toml(
             sandbox.base_url,
             pg_url,  # type: ignore[arg-type]
-            track=f'flush_interval = "200ms"\nmax_backoff = "1s"\n'
+            track=f'flush_interval = "2s"\nmax_backoff = "1s"\n'
             f"requests_per_minute = {PER_WINDOW}",
         )
     )
