@@ -188,8 +188,7 @@ def test_three_replicas_act_as_one_relay(
         relay_toml(
             sandbox.base_url,
             pg_url,  # type: ignore[arg-type]
-            track=f'flush_interval = "2s"\nmax_backoff = "1s"\n'
-            f"requests_per_minute = {PER_WINDOW}",
+            track=f'flush_interval = "2s"\nmax_backoff = "1s"\nrequests_per_minute = {PER_WINDOW}',
         )
     )
     group = replicas(config, 3)
