@@ -16,7 +16,7 @@ COPY relay/ relay/
 COPY mappings/ mappings/
 RUN python -m pip wheel --no-deps --wheel-dir /dist . \
  && python -m venv /opt/venv \
- && /opt/venv/bin/pip install /dist/*.whl
+ && /opt/venv/bin/pip install "$(ls /dist/*.whl)[postgres]"
 
 # --- final: the virtualenv and the mappings; no compilers, no build tools, not root ---------
 FROM python:3.11-slim

@@ -76,7 +76,7 @@ class Runtime:
             self.mapper = MapperProcess(cfg, self.metrics, *self.mapper_process)
         else:
             self.mapper = Mapper(cfg, store, self.metrics)
-        if self.worker > 0:  # receives and maps webhooks only
+        if self.worker > 0 and not store.replicated:  # receives and maps webhooks only
             await self.mapper.start()
             self.pipeline = Pipeline(cfg, store, self.metrics, self.mapper)
             applog.info("worker %d of %d ready", self.worker, self.workers)
@@ -105,7 +105,7 @@ class Runtime:
             "relay ready: %d source(s), %d destination(s), database %s%s",
             len(cfg.sources),
             len(cfg.destinations),
-            cfg.relay.database,
+            store.url,
             f", {self.workers} workers" if self.workers > 1 else "",
         )
 

@@ -47,7 +47,7 @@ def default_mappings() -> Path:
 
 @dataclass(frozen=True)
 class RelaySettings:
-    database: Path
+    database: Path | str  # a SQLite file, or a postgresql:// URL (str)
     max_body_bytes: int = 1_048_576
     dedupe_window: float = 48 * 3600
     retention: float = 7 * 86400
@@ -123,6 +123,34 @@ class Config:
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _database(r: ConfigTable) -> Path | str:
+    """`[relay] database`: a `postgresql://` (or `postgres://`) URL, else a SQLite file. Any
+    other `scheme://` is refused: a URL is never taken as a file path. Messages never show
+    the URL (it may hold a password)."""
+    from relay.storage import URL_SCHEMES, is_database_url
+
+    value: str = r.string("database", "relay.db")
+    if not is_database_url(value):
+        path: Path = r.path("database", "relay.db")
+        return path
+    scheme = value.split("://", 1)[0].lower()
+    if scheme not in URL_SCHEMES:
+        r.fail(
+            "database",
+            f"unknown database URL scheme {scheme}:// (a path for SQLite, or a postgresql:// URL)",
+        )
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        r.fail("database", "PostgreSQL needs psycopg: pip install 'webhook-relay[postgres]'")
+    try:
+        conninfo_to_dict(value)
+        urlsplit(value).port  # noqa: B018 (raises ValueError for a port that is not a number)
+    except Exception:
+        r.fail("database", "not a valid postgresql:// URL")
+    return value
 
 
 def database_problem(path: Path) -> str | None:
@@ -255,7 +283,7 @@ def parse_config(
 
     r = root.table("relay")
     relay = RelaySettings(
-        database=r.path("database", "relay.db"),
+        database=_database(r),
         max_body_bytes=r.integer("max_body_bytes", 1_048_576, min=1024),
         dedupe_window=r.duration("dedupe_window", "48h"),
         retention=r.duration("retention", "7d"),
@@ -267,7 +295,7 @@ def parse_config(
         body_timeout=r.duration("body_timeout", "30s"),
     )
     r.finish()
-    problem = database_problem(relay.database)
+    problem = database_problem(relay.database) if isinstance(relay.database, Path) else None
     if problem:
         r.fail("database", problem)
     if relay.retention < relay.dedupe_window:

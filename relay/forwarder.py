@@ -50,6 +50,7 @@ IDLE_RECHECK = 1.0  # rows may also arrive from another process (a worker, a rep
 STORE_RETRY_FIRST = 0.1  # recording an outcome the store refused: first retry, then doubling
 STORE_RETRY_MAX = 2.0
 STORE_ERROR_PAUSE = 1.0  # the store refused a read or a claim: try again after this
+SENDER_RECHECK = 1.0  # another process sends with this key: ask again after this
 LONG_RATE_LIMIT = 5.0  # a 429 wait longer than this (or flush_interval) is shown as a pause
 
 
@@ -77,6 +78,7 @@ class KeyState:
         self.limiter = SlidingWindowLimiter(limit, window, clock=clock)
         self.gate = Gate(key_id)
         self.rate_limited: str | None = None  # a long 429 wait under way: until when, and why
+        self.sender = True  # this process sends with this key (see Store.hold_sender)
 
 
 class Depth:
@@ -172,6 +174,9 @@ class Worker:
     async def _step(self) -> None:
         f = self.f
         settings = f.settings
+        if not await f.hold_sender(self.key):
+            await self._sleep(SENDER_RECHECK)
+            return
         delay = max(self.key.gate.delay(f.clock()), self.gate.delay(f.clock()))
         if delay > 0:
             await self._sleep(delay)
@@ -522,8 +527,35 @@ class Forwarder:
         rows = {d.name: d for d in await store.destinations()}
         for w in self.workers.values():
             await self._restore_pause(w, rows.get(w.name), now)
+        if store.replicated:
+            for key in self.keys.values():
+                key.sender = False  # elected before its first send
+        store.watch_queued(self.queued)
         for w in self.workers.values():
             w.task = asyncio.create_task(w.run(), name=f"forward {w.name}")
+
+    async def hold_sender(self, key: KeyState) -> bool:
+        """Whether this process sends with `key` now (one sender per key across the processes
+        of one database). A process that becomes the sender takes the key's window from the
+        store's request log: what the previous sender sent counts."""
+        held = await self.store.hold_sender(key.key_id)
+        if held and not key.sender:
+            now, mono = self.wall(), self.clock()
+            times = await self.store.requests_since(
+                key.key_id, now - key.limiter.window - key.limiter.margin
+            )
+            key.limiter.log.clear()
+            key.limiter.preload([mono - (now - t) for t in times])
+            log.info("sending with API key %s (%d requests in its window)", key.key_id, len(times))
+            names = self.destinations_of_key(key.key_id)
+            depths = await self.store.queue_depths(names)  # others queued meanwhile
+            for name in names:
+                q = depths.get(name)
+                self.workers[name].depth.set(q.pending if q else 0, q.oldest if q else None)
+        elif not held and key.sender and self.store.replicated:
+            log.info("another process sends with API key %s", key.key_id)
+        key.sender = held
+        return held
 
     async def _restore_pause(self, w: Worker, row: DestinationRow | None, now: float) -> None:
         if row is None or row.paused_reason is None:

@@ -212,10 +212,12 @@ class Supervisor:
             for w in self.workers:
                 self.spawn(w)
             log.info(
-                "supervisor: %d workers on %s:%d (worker 0 forwards)",
+                "supervisor: %d workers on %s:%d (%s)",
                 len(self.workers),
                 self.host,
                 self.port,
+                # PostgreSQL: the workers are replicas, one elected sender per API key
+                "replicas" if isinstance(self.config.relay.database, str) else "worker 0 forwards",
             )
             self._watch()
         finally:

@@ -111,7 +111,12 @@ def _table(name: str, defaults: dict[str, Any], overrides: str) -> str:
 
 
 def relay_toml(
-    base_url: str, database: Path, *, sources: str | None = None, track: str = "", relay: str = ""
+    base_url: str,
+    database: Path | str,
+    *,
+    sources: str | None = None,
+    track: str = "",
+    relay: str = "",
 ) -> str:
     stripe = f"""
 [sources.stripe]
@@ -136,32 +141,40 @@ mapping = "{MAPPINGS / "stripe.toml"}"
 TABLES = ("webhooks", "dedupe", "outbox")
 
 
-def row_counts(db: Path, tables: tuple[str, ...] = TABLES) -> dict[str, int]:
-    """How many rows each of the relay's tables holds (read from the SQLite file), once every
-    stored webhook is mapped (the mapper works after the acknowledgement)."""
+def query(db: Path | str, sql: str) -> list[tuple[Any, ...]]:
+    """Rows of one plain SQL query on the relay's database: a SQLite file, or a PostgreSQL
+    URL (the tests' look inside; the relay itself goes through relay.storage only)."""
+    if isinstance(db, str):
+        import psycopg
+
+        with psycopg.connect(db) as pg:
+            return list(pg.execute(sql).fetchall())
     import sqlite3
 
-    wait_mapped(db)
     conn = sqlite3.connect(db)
     try:
-        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in tables}
+        return list(conn.execute(sql).fetchall())
     finally:
         conn.close()
 
 
-def wait_mapped(db: Path, timeout: float = 10.0) -> None:
+def row_counts(db: Path | str, tables: tuple[str, ...] = TABLES) -> dict[str, int]:
+    """How many rows each of the relay's tables holds (read from its database), once every
+    stored webhook is mapped (the mapper works after the acknowledgement)."""
+    wait_mapped(db)
+    return {t: int(query(db, f"SELECT count(*) FROM {t}")[0][0]) for t in tables}
+
+
+def wait_mapped(db: Path | str, timeout: float = 10.0) -> None:
     """Until the relay has mapped every webhook it stored (its unmapped set is empty)."""
     import sqlite3
 
     deadline = time.monotonic() + timeout
     while True:
-        conn = sqlite3.connect(db)
         try:
-            left = int(conn.execute("SELECT count(*) FROM unmapped").fetchone()[0])
+            left = int(query(db, "SELECT count(*) FROM unmapped")[0][0])
         except sqlite3.OperationalError:  # no schema yet
             left = 0
-        finally:
-            conn.close()
         if left == 0:
             return
         if time.monotonic() > deadline:
@@ -219,16 +232,28 @@ class Relay:
         return self.app.state.relay
 
     @property
-    def db(self) -> Path:
-        path: Path = self.config.relay.database
-        return path
+    def db(self) -> Path | str:
+        """The SQLite file, or the PostgreSQL URL (see `query`)."""
+        return self.config.relay.database
 
     def rows(self) -> dict[str, int]:
         return row_counts(self.db)
 
 
 @pytest.fixture
-def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
+def relay_backend(request: pytest.FixtureRequest) -> str:
+    """The relay_factory's database: "sqlite" unless a test module parametrizes it, e.g.
+    `pytestmark = pytest.mark.parametrize("relay_backend", BACKENDS, indirect=True)`."""
+    return getattr(request, "param", "sqlite")
+
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture
+def relay_factory(
+    tmp_path: Path, relay_backend: str, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Relay]]:
     started: list[Relay] = []
 
     def make(
@@ -242,10 +267,13 @@ def relay_factory(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
         start: bool = True,
     ) -> Relay:
         path = tmp_path / f"relay{len(started)}.toml"
+        database: Any = tmp_path / f"relay{len(started)}.db"
+        if relay_backend == "postgres":  # a database of its own
+            database = request.getfixturevalue("pg_server").create_database()
         path.write_text(
             relay_toml(
                 sandbox.base_url,
-                tmp_path / f"relay{len(started)}.db",
+                database,
                 sources=sources,
                 track=track,
                 relay=relay,
@@ -295,9 +323,34 @@ def refused(response: httpx.Response) -> None:
     assert body["ok"] is False and body["error"] == "invalid_signature"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One PostgreSQL server for the session (per xdist worker), stopped at the end; skips
+    when the server binaries or psycopg are not installed."""
+    from tests.pgserver import PGServer, binaries
+
+    bindir = binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+    pytest.importorskip("psycopg")
+    server = PGServer(bindir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """The URL of a fresh, empty PostgreSQL database (with its password)."""
+    url: str = pg_server.create_database()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
     """A factory of stores on one fresh database of each backend (the storage tests)."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return lambda: open_store(url)
     return lambda: open_store(tmp_path / "relay.db")
 
 

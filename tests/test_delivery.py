@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 
 from relay.storage import (
     DEAD,
@@ -25,24 +26,26 @@ from relay.storage import (
     run_with,
 )
 from tests.conftest import (
+    BACKENDS,
     MAPPINGS,
     STRIPE_SECRET,
     Relay,
     Sandbox,
+    query,
     stripe_event,
     stripe_post,
     wait_mapped,
 )
 
 T = TypeVar("T")
+ON_BOTH = pytest.mark.parametrize("relay_backend", BACKENDS, indirect=True)  # SQLite, PostgreSQL
 
 
-def outbox_states(db: Path) -> dict[int, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall())
-    finally:
-        conn.close()
+def outbox_states(db: Path | str) -> dict[int, int]:
+    return {
+        int(state): int(n)
+        for state, n in query(db, "SELECT state, count(*) FROM outbox GROUP BY state")
+    }
 
 
 def post_events(relay: Relay, n: int, source: str = "stripe") -> list[str]:
@@ -69,6 +72,7 @@ def with_store(db: Path, body: Callable[[Store], Awaitable[T]]) -> T:
     return run_with(open_store(db), body)
 
 
+@ON_BOTH
 def test_flaky_slow_api_still_gets_every_event_exactly_once(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -86,6 +90,7 @@ def test_flaky_slow_api_still_gets_every_event_exactly_once(
     assert log["by_status"].get("500", 0) > 0  # the faults really happened
 
 
+@ON_BOTH
 def test_401_pauses_keeps_everything_then_delivers_once_cleared(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -107,6 +112,7 @@ def test_401_pauses_keeps_everything_then_delivers_once_cleared(
     assert httpx.get(f"{relay.url}/readyz").json()["paused"] == {}
 
 
+@ON_BOTH
 def test_402_and_403_pause_every_destination_of_the_key(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -143,6 +149,7 @@ website_id = 2
 """
 
 
+@ON_BOTH
 def test_404_on_one_website_does_not_slow_another(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -212,6 +219,7 @@ def test_invalid_events_are_found_by_bisection_and_dead_lettered(
     assert all("validation_error" in d[1] for d in dead)
 
 
+@ON_BOTH
 def test_429_waits_retry_after_then_goes_on(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -224,6 +232,7 @@ def test_429_waits_retry_after_then_goes_on(
     assert reqs[1]["at"] - reqs[0]["at"] >= 2.0
 
 
+@ON_BOTH
 def test_broken_answers_are_retried(sandbox: Sandbox, relay_factory: Callable[..., Relay]) -> None:
     sandbox.fault(malformed=True, count=1)
     sandbox.fault(drop=True, count=1)
@@ -346,6 +355,7 @@ def test_retention_keeps_dead_letters_and_their_webhooks(tmp_path: Path) -> None
     with_store(tmp_path / "r.db", body)
 
 
+@ON_BOTH
 def test_dedupe_keys_expire_after_the_window(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:
@@ -361,6 +371,7 @@ def test_dedupe_keys_expire_after_the_window(
     assert time.time() - started >= 1.0  # not before
 
 
+@ON_BOTH
 def test_shutdown_does_not_wait_out_the_rate_limit_window(
     sandbox: Sandbox, relay_factory: Callable[..., Relay]
 ) -> None:

@@ -11,7 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Relay, Sandbox, row_counts, stripe_event, stripe_post
+from tests.conftest import BACKENDS, Relay, Sandbox, row_counts, stripe_event, stripe_post
+
+# Every test on both backends: SQLite, and PostgreSQL (a server started for the tests)
+pytestmark = pytest.mark.parametrize("relay_backend", BACKENDS, indirect=True)
 
 
 def count(db: Path, table: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
@@ -90,9 +91,23 @@ def with_store(config: Config, fn: Callable[[Store], Awaitable[T]], *, create: b
     `create`, a missing database is one line and exit 1: a read command never creates one."""
     from relay.storage import open_store, run_with
 
-    if not create and not config.relay.database.exists():
-        fail(f"no database at {config.relay.database} yet (has the relay run?)")
-    return run_with(open_store(config.relay.database), fn)
+    database = config.relay.database
+    if not create and isinstance(database, Path) and not database.exists():
+        fail(f"no database at {database} yet (has the relay run?)")
+    store = open_store(database)
+    if not create:  # a read command never migrates a shared database either
+        problem = database_problem_now(store)
+        if problem is not None:
+            fail(problem)
+    return run_with(store, fn)
+
+
+def database_problem_now(store: Store) -> str | None:
+    """None when the store's database is reachable and migrated, else why not (one line,
+    without a password)."""
+    import asyncio
+
+    return asyncio.run(store.schema_problem())
 
 
 def source_named(config: Config, name: str) -> Source:

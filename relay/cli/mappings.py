@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -46,6 +47,7 @@ def check(config_file: str | None) -> None:
         problems += [e.message for e in mapping.lint()]
         problems += [str(p) for p in run_examples(mapping, source.provider, name)]
         examples += len(mapping.examples)
+    problems += database_problems(config)
     if problems:
         for p in problems:
             click.echo(p, err=True)
@@ -54,6 +56,17 @@ def check(config_file: str | None) -> None:
         f"{config.path}: ok ({len(config.sources)} source(s), {len(checked)} mapping(s), "
         f"{examples} example(s) passed)"
     )
+
+
+def database_problems(config: Any) -> list[str]:
+    """A PostgreSQL database that is unreachable or not migrated, in one line."""
+    from relay.cli.common import database_problem_now
+    from relay.storage import open_store
+
+    if isinstance(config.relay.database, Path):
+        return []
+    problem = database_problem_now(open_store(config.relay.database))
+    return [f"{config.path}: relay.database: {problem}"] if problem else []
 
 
 @main.command("map")

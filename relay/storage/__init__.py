@@ -51,6 +51,7 @@ __all__ = [
     "Store",
     "StoredWebhook",
     "WebhookSummary",
+    "is_database_url",
     "open_store",
     "run_with",
 ]
@@ -62,14 +63,31 @@ def open_store(
     on_commit: Callable[[float], None] | None = None,
     shared: bool = False,
 ) -> Store:
-    """The store for `[relay] database` (not opened yet: await its `open`). `on_commit` is
-    told how long each commit took; `shared`: other processes of this relay write too."""
+    """The store for `[relay] database` (not opened yet: await its `open`): a `postgresql://`
+    URL is PostgreSQL, anything else a SQLite file. `on_commit` is told how long each commit
+    took; `shared`: other processes of this relay write too."""
+    if isinstance(database, str) and is_database_url(database):
+        from relay.errors import StoreError
+        from relay.storage.postgres import PostgresStore
+
+        scheme = database.split("://", 1)[0].lower()
+        if scheme not in URL_SCHEMES:
+            raise StoreError(f"unknown database URL scheme {scheme}:// (use postgresql://)")
+
+        return PostgresStore(database)
     from relay.storage.sqlite import SQLiteStore
 
     return SQLiteStore(Path(database), busy_timeout, on_commit, shared)
 
 
 T = TypeVar("T")
+
+URL_SCHEMES = ("postgresql", "postgres")
+
+
+def is_database_url(value: str) -> bool:
+    """`scheme://…`: a URL, never a file path (only PostgreSQL's schemes are known)."""
+    return "://" in value and value.split("://", 1)[0].replace("+", "").isalnum()
 
 
 def run_with(store: Store, body: Callable[[Store], Awaitable[T]]) -> T:

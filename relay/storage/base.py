@@ -19,7 +19,7 @@ The life of a webhook in the store:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -340,6 +340,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def check_writable(self, need: int) -> str | None:
         """None when a webhook of `need` bytes could be stored now, else why not."""
+
+    # -- several processes on one database (PostgreSQL's replicas). SQLite has one forwarder
+    # per file, so these are trivial there.
+
+    # True: every process on this database forwards and keeps house (the workers of
+    # `relay serve --workers N` are replicas); False: worker 0 alone does.
+    replicated: bool = False
+
+    async def hold_sender(self, key_id: str) -> bool:
+        """Whether this process is the one that sends with this API key now (all replicas
+        together keep one rate limit). Called before each send; cheap when held."""
+        return True
+
+    def watch_queued(self, callback: Callable[[dict[str, Queued]], None]) -> None:
+        """From now on, tell `callback` what other processes queued (so a full batch goes at
+        once whichever process took its events). Without it, the forwarder's idle recheck
+        finds their rows."""
+        return None
+
+    async def schema_problem(self) -> str | None:
+        """Before opening: None when the database is reachable and its schema up to date, else
+        why not, in one line (`relay check`, read-only commands). Nothing is migrated. A SQLite
+        file is checked with the config (relay.config.database_problem)."""
+        return None
 
     # -- housekeeping
 
