@@ -92,13 +92,13 @@ def cert_url(value: str, extra_hosts: Iterable[str] = ()) -> str:
         port = parts.port
     except ValueError:
         raise InvalidSignature("PAYPAL-CERT-URL is not a plain URL") from None
-    if parts.scheme != "https":
+    if parts.scheme != "https" or not value.startswith("https://"):
         raise InvalidSignature("PAYPAL-CERT-URL is not https")
     if "@" in parts.netloc or parts.username is not None or parts.password is not None:
         raise InvalidSignature("PAYPAL-CERT-URL carries user info")
     netloc = parts.netloc.lower()
     if not (netloc in PAYPAL_CERT_HOSTS or netloc in set(extra_hosts)):
-        if port is not None:
+        if (parts.hostname or "") in PAYPAL_CERT_HOSTS and port is not None:
             raise InvalidSignature("PAYPAL-CERT-URL names a port")
         raise InvalidSignature("PAYPAL-CERT-URL is not on a PayPal host")
     if parts.query or parts.fragment or "?" in value or "#" in value:
