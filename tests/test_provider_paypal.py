@@ -456,6 +456,16 @@ def test_the_dev_certificate_signs_samples_that_verify(tmp_path: Path) -> None:
     assert sample.headers["paypal-cert-url"].startswith("https://api.sandbox.paypal.com/")
 
 
+def test_test_only_keys_are_warned_about(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="relay.config"):
+        provider(pki, None)
+    assert "sources.pp: test-only key(s) test_ca_file set" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="relay.config"):
+        PayPalProvider.from_config(ConfigTable({"webhook_id": "X"}, pki.files / "r.toml"))
+    assert caplog.text == ""
+
+
 def test_samples_need_a_private_key(pki: Pki) -> None:
     with pytest.raises(ConfigError, match="private_key_file"):
         provider(pki, None).sample(None, "u", time.time())

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import re
 import ssl
 import time
@@ -70,6 +71,8 @@ CACHE_SIZE = 32
 # The URL of the certificate `relay dev` makes (it is never fetched: test_cert_file stands in).
 DEV_CERT_URL = "https://api.sandbox.paypal.com/v1/notifications/certs/CERT-relay-dev"
 DEV_KEY_NAME, DEV_CERT_NAME, DEV_CA_NAME = "paypal-private.pem", "paypal-cert.pem", "paypal-ca.pem"
+
+log = logging.getLogger("relay.config")
 
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")
 _HOSTPORT_RE = re.compile(r"[a-z0-9.-]+(:[0-9]{1,5})?")
@@ -387,6 +390,14 @@ class PayPalProvider(Provider):
             if not isinstance(loaded, rsa.RSAPrivateKey):
                 table.fail("private_key_file", "is not an RSA private key")
             private_key = loaded
+        used = [k for k in ("test_cert_hosts", "test_ca_file", "test_cert_file") if k in table]
+        if used:
+            log.warning(
+                "%s: test-only key(s) %s set: this source trusts certificates that are not "
+                "PayPal's (for tests and relay dev only)",
+                table.prefix or "paypal",
+                ", ".join(used),
+            )
         return cls(
             webhook_ids,
             tolerance,
