@@ -63,6 +63,8 @@ PAYPAL_CERT_HOSTS = frozenset(
 # The certificate's subject common name, as PayPal's SDKs check it.
 CN_PREFIX, CN_SUFFIX = "messageverificationcerts.", ".paypal.com"
 
+# Where PayPal publishes them; nothing else on its hosts is ever fetched.
+CERT_PATH_PREFIX = "/v1/notifications/certs/"
 MAX_URL = 2048
 MAX_CERT_BYTES = 64 * 1024
 MAX_CHAIN = 8
@@ -86,7 +88,8 @@ def cert_url(value: str, extra_hosts: Iterable[str] = ()) -> str:
     """The certificate URL as it will be fetched, or InvalidSignature without any connection.
 
     Only https on one of PayPal's hosts (or a test-only host:port), with no user info, port,
-    query or fragment, and a plain path. The URL fetched is rebuilt from the parts checked.
+    query or fragment, and a plain path under /v1/notifications/certs/. The URL fetched is
+    rebuilt from the parts checked.
     """
     if len(value) > MAX_URL or not value.isascii() or not value.isprintable() or " " in value:
         raise InvalidSignature("PAYPAL-CERT-URL is not a plain URL")
@@ -108,6 +111,8 @@ def cert_url(value: str, extra_hosts: Iterable[str] = ()) -> str:
         raise InvalidSignature("PAYPAL-CERT-URL has a query or fragment")
     if "\\" in value or not _PATH_RE.fullmatch(parts.path) or "/../" in parts.path + "/":
         raise InvalidSignature("PAYPAL-CERT-URL has an unusual path")
+    if netloc in PAYPAL_CERT_HOSTS and not parts.path.startswith(CERT_PATH_PREFIX):
+        raise InvalidSignature(f"PAYPAL-CERT-URL is not under {CERT_PATH_PREFIX}")
     return f"https://{netloc}{parts.path}"
 
 
