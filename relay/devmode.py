@@ -51,6 +51,10 @@ def _dev_secret(kind: str, directory: Path) -> dict[str, Any] | None:
 
         public, private = generate_keypair(directory)
         return {"public_key": public, "private_key_file": str(private.resolve())}
+    if kind == "paypal":
+        from relay.providers.paypal import generate_dev_certificate
+
+        return generate_dev_certificate(directory)
     return None  # hmac needs a real sender's settings
 
 

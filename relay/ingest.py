@@ -65,7 +65,12 @@ class Pipeline:
 
     async def handle(self, source: Source, request: WebhookRequest) -> Ingested:
         if source.verifier is not None:
-            source.verifier.verify(request)
+            # A verifier that must fetch something first (PayPal's certificate) does it here.
+            verify_async = getattr(source.verifier, "verify_async", None)
+            if verify_async is not None:
+                await verify_async(request)
+            else:
+                source.verifier.verify(request)
         if isinstance(source.verifier, SharedToken):  # a body token is never stored or mapped
             request = source.verifier.without_token(request)
         events = source.provider.parse(request)

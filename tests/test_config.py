@@ -85,9 +85,9 @@ MISTAKES = [
     ),
     (
         "unknown provider",
-        ('provider = "stripe"', 'provider = "paypal"'),
+        ('provider = "stripe"', 'provider = "square"'),
         "sources.stripe.provider",
-        "unknown provider 'paypal'",
+        "unknown provider 'square'",
     ),
     (
         "missing mapping file",
@@ -145,23 +145,23 @@ mapping = "mappings/stripe.toml"
 
 # (case, how [sources.stripe] is written instead, the line its message must name)
 SOURCE_FORMS = [
-    ("a table", STRIPE_TABLE.replace('"stripe"', '"paypal"'), 'provider = "paypal"'),
+    ("a table", STRIPE_TABLE.replace('"stripe"', '"square"'), 'provider = "square"'),
     (
         "dotted keys",
-        f'[sources]\nstripe.provider = "paypal"\nstripe.secret = "{WEBHOOK_SECRET}"\n',
-        'stripe.provider = "paypal"',
+        f'[sources]\nstripe.provider = "square"\nstripe.secret = "{WEBHOOK_SECRET}"\n',
+        'stripe.provider = "square"',
     ),
     (
         "an inline table",
-        f'[sources]\nstripe = {{ provider = "paypal", secret = "{WEBHOOK_SECRET}" }}\n',
+        f'[sources]\nstripe = {{ provider = "square", secret = "{WEBHOOK_SECRET}" }}\n',
         "stripe = {",
     ),
     (
         "a quoted table name",
         STRIPE_TABLE.replace("[sources.stripe]", '[sources."stripe"]').replace(
-            '"stripe"\n', '"paypal"\n'
+            '"stripe"\n', '"square"\n'
         ),
-        'provider = "paypal"',
+        'provider = "square"',
     ),
 ]
 
@@ -179,7 +179,7 @@ def test_the_line_number_points_at_the_key_however_the_table_is_written(
     result = CliRunner().invoke(main, ["check", "--config", str(path)])
     assert result.exit_code == 1
     assert result.stderr.startswith(
-        f"relay: {path}:{line_no}: sources.stripe.provider: unknown provider 'paypal'"
+        f"relay: {path}:{line_no}: sources.stripe.provider: unknown provider 'square'"
     ), result.stderr
 
 

@@ -179,6 +179,17 @@ def test_relay_dev_and_send_test_from_an_empty_folder_deliver_to_the_sandbox(
     assert event["name"] == "purchase"
     assert event["payload"]["currency"] == "USD"
 
+    # PayPal too: dev mode signs with a certificate of its own making, nothing is fetched.
+    sent = run([relay, "send-test", "paypal"], cwd=folder, env=clean_env())
+    assert sent.stdout.splitlines()[-1].startswith("200 "), sent.stdout
+    deadline = time.monotonic() + 20
+    while len(events) < 2:
+        assert time.monotonic() < deadline, "the PayPal sample did not reach the sandbox"
+        time.sleep(0.2)
+        answer = httpx.get(listing, headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        events = answer.json()["events"]
+    assert sorted(e["payload"].get("capture_id", "") != "" for e in events) == [False, True]
+
     # The installed default mappings come with their examples, and `relay check` runs them.
     checked = run(
         [relay, "check", "--config", ".relay-dev/relay.toml"], cwd=folder, env=clean_env()

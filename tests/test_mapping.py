@@ -634,7 +634,7 @@ LOAD_ERRORS: list[tuple[str, str, str | None, int | None, str]] = [
     # (id, file text, key, line, reason contains)
     ("toml", '[[events]]\non = "a"\nname = "n\n', None, 3, "invalid TOML"),
     ("top key", 'provider = "stripe"\nrules = []\n', "rules", 2, "unknown key"),
-    ("provider", 'provider = "paypal"\n', "provider", 1, "must be one of"),
+    ("provider", 'provider = "square"\n', "provider", 1, "must be one of"),
     ("events type", 'events = "x"\n', "events", 1, "array of tables"),
     (
         "rule key",

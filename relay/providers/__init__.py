@@ -15,6 +15,7 @@ PROVIDERS: dict[str, str] = {
     "hubspot": "relay.providers.hubspot:HubSpotProvider",
     "standard": "relay.providers.standard:StandardProvider",
     "hmac": "relay.providers.hmac:HmacProvider",
+    "paypal": "relay.providers.paypal:PayPalProvider",
 }
 
 
