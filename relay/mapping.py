@@ -31,7 +31,7 @@ from jinja2.runtime import Context, new_context
 
 from relay import bounds, templating
 from relay.bounds import MAX_FIELD, TooLarge, TooSlow
-from relay.config import type_name
+from relay.config import PASSTHROUGH, type_name
 from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
@@ -336,6 +336,10 @@ def load_mappings(config: Config) -> dict[str, Mapping]:
 def load_mapping(path: Path) -> Mapping:
     """Read, check and compile a mapping file. Raises ConfigError naming file, key and line."""
     path = Path(path)
+    if path == PASSTHROUGH:
+        from relay.providers.track import Passthrough
+
+        return Passthrough(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -15,6 +15,8 @@ PROVIDERS: dict[str, str] = {
     "hubspot": "relay.providers.hubspot:HubSpotProvider",
     "standard": "relay.providers.standard:StandardProvider",
     "hmac": "relay.providers.hmac:HmacProvider",
+    "track": "relay.providers.track:TrackProvider",
+    "import": "relay.providers.importer:ImportProvider",
 }
 
 

@@ -134,6 +134,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE destinations ADD COLUMN paused_until REAL;
     CREATE INDEX sent_key ON sent (key_id, at);
     """,
+    # 4: rows taken by `relay import`, by source and row id, kept for good (not a dedupe
+    # window): importing a file again queues nothing
+    """
+    CREATE TABLE imported (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        webhook_id INTEGER NOT NULL,      -- the stored chunk of rows it came in
+        PRIMARY KEY (source, key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
