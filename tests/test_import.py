@@ -186,7 +186,10 @@ def test_an_unusable_file_or_source_is_one_line_and_exit_2(
     from tests.conftest import MAPPINGS, STRIPE_SECRET
 
     (tmp_path / "orders.toml").write_text(MAPPING)
-    stripe = f'[sources.stripe]\nprovider = "stripe"\nsecret = "{STRIPE_SECRET}"\nmapping = "{MAPPINGS / "stripe.toml"}"\n'
+    stripe = (
+        f'[sources.stripe]\nprovider = "stripe"\nsecret = "{STRIPE_SECRET}"\n'
+        f'mapping = "{MAPPINGS / "stripe.toml"}"\n'
+    )
     config = tmp_path / "relay.toml"
     config.write_text(
         relay_toml("http://127.0.0.1:9/api/v1", tmp_path / "relay.db", sources=SOURCE + stripe)
