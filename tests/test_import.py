@@ -312,3 +312,28 @@ def test_rows_are_forwarded_by_a_serving_relay(
     assert sorted(e["payload"]["order_id"] for e in events) == sorted(f"A{i}" for i in range(60))
     time.sleep(1.0)
     assert len(sandbox.events()) == 60
+
+
+def _toml_blocks(doc: Path) -> list[str]:
+    import re
+
+    return re.findall(r"```toml\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_docs_config_and_mapping_work(tmp_path: Path) -> None:
+    """docs/import.md's source and mapping, as written, import a file."""
+    from tests.conftest import ROOT
+
+    source, mapping = _toml_blocks(ROOT / "docs" / "import.md")
+    (tmp_path / "mappings").mkdir()
+    (tmp_path / "mappings" / "orders.toml").write_text(mapping)
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        relay_toml("http://127.0.0.1:9/api/v1", tmp_path / "relay.db", sources=source)
+    )
+    f = tmp_path / "orders.csv"
+    f.write_text("order_id,amount,status\nP1,9.50,paid\nP2,3,cancelled\n")
+    result = relay_import(config, "orders", str(f))
+    assert result.exit_code == 0, result.output
+    [event] = outbox(config)
+    assert event["payload"] == {"order_id": "P1", "amount": "9.50", "channel": "phone"}

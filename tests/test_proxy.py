@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -279,3 +280,30 @@ def test_a_burst_of_1000_goes_as_40_full_batches_without_a_429(
     assert requests["by_status"] == {"200": 40}
     assert [r["events"] for r in requests["requests"]] == [25] * 40
     assert all(r["batch"] for r in requests["requests"])
+
+
+def test_the_docs_source_and_mapping_work(
+    sandbox: Sandbox, relay_factory: Callable[..., Relay], tmp_path: Path
+) -> None:
+    """docs/track-proxy.md's source and mapping, as written."""
+    import re
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "track-proxy.md").read_text(encoding="utf-8")
+    source, mapping = re.findall(r"```toml\n(.*?)```", text, re.S)
+    (tmp_path / "backend.toml").write_text(mapping)
+    source = source.replace(
+        '# mapping = "mappings/backend.toml"', f'mapping = "{tmp_path / "backend.toml"}"'
+    )
+    relay = relay_factory(sandbox, sources=source.replace("${RELAY_INGEST_KEY}", INGEST_KEY))
+    r = _post(
+        relay,
+        "track/batch",
+        {"events": [{"name": "signup", "payload": {"plan": "pro"}}, {"name": "other"}]},
+    )
+    assert r.status_code == 200 and r.json()["processed"] == 2
+    time.sleep(1.0)
+    [event] = sandbox.wait_for(1)
+    assert event["name"] == "user_signed_up"
+    assert event["payload"] == {"plan": "pro", "source": "backend"}
