@@ -11,6 +11,8 @@ not be measured: ingest without wrk), 2 when a benchmark broke off with an error
     forward  draining a backlog at the track API's rate limit, and the time from a webhook's
              200 to its arrival at the track API when the limit is not in the way (forward.py)
     burst    100,000 webhooks while the track API refuses: memory, disk, none lost (burst.py)
+    import   `relay import` of 100,000 CSV rows beside `relay serve`: time, peak RSS, each
+             row delivered once, a second import queues nothing (imports.py)
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import burst, forward, ingest, ready
+from bench import burst, forward, imports, ingest, ready
 from bench.procs import progress, sigterm_as_interrupt
 from bench.report import Row, render, render_markdown
 
-ORDER = ("ready", "ingest", "forward", "burst")
+ORDER = ("ready", "ingest", "forward", "burst", "import")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,6 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="burst: webhooks in the burst (default 100000)",
     )
     p.add_argument(
+        "--import-rows",
+        type=int,
+        default=100_000,
+        help="import: rows in the CSV file (default 100000)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="FILE",
@@ -99,12 +107,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.duration < 1
         or args.events < 1
         or args.burst_events < 1
+        or args.import_rows < 1
         or args.rpm < 1
         or args.speedup <= 0
         or not 0 < args.latency_rate <= forward.MAX_LATENCY_RATE
     ):
         p.error(
-            "--duration, --events, --burst-events, --rpm and --speedup must be positive, "
+            "--duration, --events, --burst-events, --import-rows, --rpm and --speedup must be "
+            "positive, "
             f"--latency-rate above 0 and at most {forward.MAX_LATENCY_RATE:g}"
         )
     return args
@@ -130,6 +140,8 @@ def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
         return ingest.run(workdir, args.duration, profile, args.workers)
     if which == "forward":
         return forward.run(workdir, args.events, args.rpm, args.speedup, args.latency_rate)
+    if which == "import":
+        return imports.run(workdir, args.import_rows)
     return burst.run(workdir, args.burst_events)
 
 
