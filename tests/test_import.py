@@ -337,3 +337,16 @@ def test_the_docs_config_and_mapping_work(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     [event] = outbox(config)
     assert event["payload"] == {"order_id": "P1", "amount": "9.50", "channel": "phone"}
+
+
+def test_relay_map_takes_a_row(setup: Path, tmp_path: Path) -> None:
+    row = tmp_path / "row.json"
+    row.write_text('{"order_id": "A1", "amount": 20.25, "store": "x", "status": "paid"}')
+    result = CliRunner().invoke(main, ["map", "--config", str(setup), "orders", str(row)])
+    assert result.exit_code == 0, result.output
+    [event] = json.loads(result.output)
+    assert event["events"][0]["track"]["payload"] == {
+        "order_id": "A1",
+        "amount": "20.25",
+        "store": "x",
+    }

@@ -307,3 +307,24 @@ def test_the_docs_source_and_mapping_work(
     [event] = sandbox.wait_for(1)
     assert event["name"] == "user_signed_up"
     assert event["payload"] == {"plan": "pro", "source": "backend"}
+
+
+def test_relay_map_takes_a_track_request(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from relay.cli import main
+    from tests.conftest import relay_toml
+
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        relay_toml("http://127.0.0.1:9/api/v1", tmp_path / "r.db", sources=TRACK_SOURCE)
+    )
+    body = tmp_path / "batch.json"
+    body.write_text(json.dumps({"events": [ev(payload={"n": 1}), {"name": "signup"}]}))
+    result = CliRunner().invoke(main, ["map", "--config", str(config), "backend", str(body)])
+    assert result.exit_code == 0, result.output
+    tracks = [e["events"][0]["track"] for e in json.loads(result.output)]
+    assert tracks == [{"name": "purchase", "payload": {"n": "1"}}, {"name": "signup"}]
+    body.write_text(json.dumps({"name": ""}))
+    bad = CliRunner().invoke(main, ["map", "--config", str(config), "backend", str(body)])
+    assert bad.exit_code == 1 and "name is required" in bad.output

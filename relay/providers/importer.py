@@ -49,7 +49,11 @@ class ImportProvider(Provider):
         return ProviderEvent(key, ROW_TYPE, row)
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
+        """A stored chunk; or (for `relay map`) one row as a JSON object."""
         body = json_body(request)
+        if isinstance(body, dict) and "rows" not in body:
+            row = {k: v for k, v in body.items() if v is not None}
+            return [self.event(self.key(row) or "row", row)]
         rows = body.get("rows") if isinstance(body, dict) else None
         if not isinstance(rows, list):
             raise InvalidBody("not a stored chunk of imported rows")

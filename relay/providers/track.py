@@ -18,7 +18,7 @@ from relay.fitting import fit
 from relay.mapping import Mapped, Mapping, MapResult
 from relay.providers.base import Provider, ProviderEvent, WebhookRequest, json_body
 from relay.settings import ConfigTable, Secret
-from relay.trackapi import Event
+from relay.trackapi import Event, Invalid, parse_batch, parse_single
 
 
 class TrackProvider(Provider):
@@ -57,10 +57,23 @@ class TrackProvider(Provider):
         )
 
     def parse(self, request: WebhookRequest) -> list[ProviderEvent]:
+        """A stored request; or (for `relay map`) a request body as a client sends it."""
         body = json_body(request)
         items = body.get("events") if isinstance(body, dict) else None
-        if not isinstance(items, list):
-            raise InvalidBody("not a stored track request")
+        if not (
+            isinstance(items, list) and items and isinstance(items[0], dict) and "key" in items[0]
+        ):
+            try:
+                sent = (
+                    parse_batch(request.body)
+                    if isinstance(items, list)
+                    else [parse_single(request.body)]
+                )
+            except Invalid as e:
+                field, messages = next(iter(e.errors.items()))
+                raise InvalidBody(f"not a valid track request: {field} {messages[0]}") from None
+            keys = [f"request:{i}" for i in range(len(sent))]
+            items = json.loads(stored_body(sent, keys, 0))["events"]
         events = []
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("event"), dict):
