@@ -14,6 +14,8 @@ not be measured: ingest without wrk), 2 when a benchmark broke off with an error
     burst    100,000 webhooks while the track API refuses: memory, disk, none lost (burst.py)
     console  the console's page timings with 1,000,000 stored webhooks (console.py; not in
              `all`: filling the store takes minutes)
+    import   `relay import` of 100,000 CSV rows beside `relay serve`: time, peak RSS, each
+             row delivered once, a second import queues nothing (imports.py)
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import burst, console, forward, ingest, ready
+from bench import burst, console, forward, imports, ingest, ready
 from bench.procs import progress, sigterm_as_interrupt
 from bench.report import Row, render, render_markdown
 
-ORDER = ("ready", "ingest", "forward", "burst")
+ORDER = ("ready", "ingest", "forward", "burst", "import")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -84,6 +86,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="burst: webhooks in the burst (default 100000)",
     )
     p.add_argument(
+        "--import-rows",
+        type=int,
+        default=100_000,
+        help="import: rows in the CSV file (default 100000)",
+    )
+    p.add_argument(
         "--profile",
         type=Path,
         metavar="FILE",
@@ -109,12 +117,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         or args.events < 1
         or args.burst_events < 1
         or args.webhooks < 1
+        or args.import_rows < 1
         or args.rpm < 1
         or args.speedup <= 0
         or not 0 < args.latency_rate <= forward.MAX_LATENCY_RATE
     ):
         p.error(
-            "--duration, --events, --burst-events, --rpm and --speedup must be positive, "
+            "--duration, --events, --burst-events, --import-rows, --rpm and --speedup must be "
+            "positive, "
             f"--latency-rate above 0 and at most {forward.MAX_LATENCY_RATE:g}"
         )
     return args
@@ -142,6 +152,8 @@ def run(which: str, args: argparse.Namespace, workdir: Path) -> list[Row]:
         return console.run(workdir, args.webhooks)
     if which == "forward":
         return forward.run(workdir, args.events, args.rpm, args.speedup, args.latency_rate)
+    if which == "import":
+        return imports.run(workdir, args.import_rows)
     return burst.run(workdir, args.burst_events)
 
 

@@ -44,9 +44,10 @@ def relay_toml(
     requests_per_minute: int,
     workers: int = 1,
     flush_interval: str | None = None,
+    extra_sources: str = "",
 ) -> str:
     """The bench's relay.toml; `flush_interval` (e.g. "50ms") is left out when None, so the
-    relay's default (5s) holds."""
+    relay's default (5s) holds. `extra_sources`: more [sources.NAME] tables (TOML)."""
     flush = f"flush_interval = {json.dumps(flush_interval)}\n" if flush_interval else ""
     return f"""\
 [relay]
@@ -66,7 +67,7 @@ max_backoff = "2s"
 provider = "stripe"
 secret = "${{BENCH_STRIPE_SECRET}}"
 mapping = {json.dumps(str(MAPPING))}
-"""
+{extra_sources}"""
 
 
 @dataclass
@@ -75,6 +76,10 @@ class Relay:
     port: int
     database: Path
     ready_seconds: float
+
+    @property
+    def config(self) -> Path:
+        return self.database.with_suffix(".toml")
 
 
 def start_relay(
@@ -86,12 +91,15 @@ def start_relay(
     requests_per_minute: int = 60,
     workers: int = 1,
     flush_interval: str | None = None,
+    extra_sources: str = "",
 ) -> Relay:
     port = free_port()
     database = workdir / f"{name}.db"
     config = workdir / f"{name}.toml"
     config.write_text(
-        relay_toml(database, port, track_port, requests_per_minute, workers, flush_interval)
+        relay_toml(
+            database, port, track_port, requests_per_minute, workers, flush_interval, extra_sources
+        )
     )
     child = procs.start(
         name, [*relay_command(), "serve", "--config", str(config)], cwd=REPO, env=keys.env()

@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from relay import proxy
 from relay import receive as receive_mod
 from relay import status as status_mod
 from relay.config import Config
@@ -236,6 +237,11 @@ def create_app(
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics, methods=["GET"]),
             *console,
+            *(
+                proxy.ROUTES
+                if any(s.provider.kind == "track" for s in config.sources.values())
+                else []
+            ),
             *(mounts or []),
         ],
         exception_handlers={HTTPException: http_error},

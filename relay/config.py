@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from relay.providers.base import Provider, Verifier
 
 DEFAULT_CONFIG = "relay.toml"
+# The mapping of a track source that names none: its events go on unchanged.
+PASSTHROUGH = Path("(passthrough)")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -105,6 +107,24 @@ class Source:
     mapping: Path
     destination: Destination
 
+    @property
+    def destinations(self) -> list[Destination]:
+        """Where its events may go: its destination, and for a track source one per website
+        it may send to."""
+        websites: tuple[int, ...] | None = getattr(self.provider, "websites", None)
+        if not websites:
+            return [self.destination]
+        d = self.destination
+        return [Destination(d.base_url, d.api_key, w) for w in websites]
+
+    def website_destination(self, website_id: int | None) -> Destination:
+        """The destination of an event for `website_id` (a track source's), else the
+        source's own."""
+        for d in self.destinations:
+            if d.website_id == website_id:
+                return d
+        return self.destination
+
 
 @dataclass(frozen=True)
 class Config:
@@ -118,7 +138,8 @@ class Config:
     def destinations(self) -> list[Destination]:
         seen: dict[str, Destination] = {}
         for s in self.sources.values():
-            seen.setdefault(s.destination.name, s.destination)
+            for d in s.destinations:
+                seen.setdefault(d.name, d)
         return list(seen.values())
 
 
@@ -334,7 +355,10 @@ def parse_config(
             )
         provider_name = table.string("provider")
         provider, verifier = build_source_parts(provider_name, table)
-        mapping = mapping_path(table, provider_name)
+        if provider_name == "track" and "mapping" not in table:
+            mapping = PASSTHROUGH  # a track source needs no mapping
+        else:
+            mapping = mapping_path(table, provider_name)
         destination = Destination(
             base_url=track.base_url,
             api_key=table.secret("api_key", track.api_key, header=True),

@@ -54,7 +54,8 @@ class Job:
 
 def outputs_of(source: Source, event: ProviderEvent, result: MapResult) -> list[Output]:
     """The outbox rows of one mapped event: its track events and its mapping failures."""
-    dest = source.destination.name
+    website = event.data.get("website_id") if source.provider.kind == "track" else None
+    dest = source.website_destination(website).name if website else source.destination.name
     outs = [
         Output(
             dest,

@@ -31,7 +31,7 @@ from jinja2.runtime import Context, new_context
 
 from relay import bounds, templating
 from relay.bounds import MAX_FIELD, TooLarge, TooSlow
-from relay.config import type_name
+from relay.config import PASSTHROUGH, type_name
 from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
@@ -342,6 +342,10 @@ def load_mapping(path: Path, text: str | None = None) -> Mapping:
     """Read (unless `text` is given), check and compile a mapping file. Raises ConfigError
     naming file, key and line."""
     path = Path(path)
+    if path == PASSTHROUGH:
+        from relay.providers.track import Passthrough
+
+        return Passthrough(path)
     try:
         if text is None:
             text = path.read_text(encoding="utf-8")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from relay.trackapi import Event
+
 WINDOW_SECONDS = 60.0
 REQUEST_LOG_SIZE = 10_000
 
@@ -43,17 +45,6 @@ CREATE INDEX IF NOT EXISTS events_by_key_time ON events (key_fingerprint, receiv
 def fingerprint(key: str) -> str:
     """What the sandbox stores and shows instead of an API key."""
     return hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-@dataclass(frozen=True)
-class Event:
-    """One valid event, payload values already cast to strings."""
-
-    name: str
-    payload: dict[str, str]
-    visitor_id: str | None = None
-    url: str | None = None
-    referrer: str | None = None
 
 
 class QuotaExceeded(Exception):

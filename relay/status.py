@@ -50,8 +50,9 @@ async def read_status(store: Store, sources: Sequence[Source], now: float | None
     by_dest: dict[str, list[str]] = {}
     websites: dict[str, int] = {}
     for s in sources:
-        by_dest.setdefault(s.destination.name, []).append(s.name)
-        websites[s.destination.name] = s.destination.website_id
+        for d in s.destinations:  # a track source may send to several websites
+            by_dest.setdefault(d.name, []).append(s.name)
+            websites[d.name] = d.website_id
     counts = await store.counts()
     rows = {d.name: d for d in await store.destinations()}
     names = sorted(set(by_dest) | set(counts.by_state) | set(rows))

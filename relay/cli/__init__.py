@@ -15,6 +15,6 @@ def main() -> None:
 
 
 # Each module adds its commands to `main`.
-from relay.cli import mappings, operate, run  # noqa: E402
+from relay.cli import imports, mappings, operate, run  # noqa: E402
 
-__all__ = ["main", "mappings", "operate", "run"]
+__all__ = ["imports", "main", "mappings", "operate", "run"]

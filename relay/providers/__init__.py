@@ -16,6 +16,8 @@ PROVIDERS: dict[str, str] = {
     "standard": "relay.providers.standard:StandardProvider",
     "hmac": "relay.providers.hmac:HmacProvider",
     "paypal": "relay.providers.paypal:PayPalProvider",
+    "track": "relay.providers.track:TrackProvider",
+    "import": "relay.providers.importer:ImportProvider",
 }
 
 

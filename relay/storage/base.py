@@ -191,6 +191,18 @@ class Store(abc.ABC):
         """Store a webhook and its new event keys, deduped by the database; committed when
         this returns. Raises StoreError when it cannot be stored."""
 
+    @abc.abstractmethod
+    async def seen_in(self, source: str, key: str) -> int | None:
+        """The webhook that an event key of `source` came with, while the key is remembered
+        (inside the dedupe window); None when it is not. A retried track request
+        (Idempotency-Key) is answered from it."""
+
+    @abc.abstractmethod
+    async def import_rows(self, item: Incoming) -> Ingested:
+        """Store a chunk of imported rows as one webhook, like `ingest`, but deduped against
+        every row ever imported for the source (no window: a file imported again queues
+        nothing). `item.dedupe_window` is not used. Committed when this returns."""
+
     # -- the mapper
 
     @abc.abstractmethod

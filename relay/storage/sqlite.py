@@ -145,6 +145,12 @@ class SQLiteStore(Store):
         that need a big store quickly; not part of the Store interface)."""
         return await self._write(_ingest_many, list(items))
 
+    async def seen_in(self, source: str, key: str) -> int | None:
+        return await self._read(_seen_in, source, key)
+
+    async def import_rows(self, item: Incoming) -> Ingested:
+        return await self._write(_import_rows, item)
+
     # -- the mapper
 
     async def unmapped(self, after: int, limit: int) -> list[StoredWebhook]:
@@ -372,6 +378,42 @@ def _ingest_many(conn: sqlite3.Connection, items: list[Incoming]) -> list[Ingest
     )
     _insert(conn, "INSERT INTO unmapped (webhook_id, keys) VALUES {}", unmapped_rows)
     return results
+
+
+def _seen_in(conn: sqlite3.Connection, source: str, key: str) -> int | None:
+    row = conn.execute(
+        "SELECT webhook_id FROM dedupe WHERE source = ? AND key = ?", (source, key)
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _import_rows(conn: sqlite3.Connection, item: Incoming) -> Ingested:
+    """A chunk of imported rows: the keys never imported before are taken (one insert that
+    skips the others, RETURNING what it took), and the chunk is stored for the mapper."""
+    webhook_id = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM webhooks").fetchone()[0]
+    keys = first_each(item.keys)
+    taken = _insert(
+        conn,
+        "INSERT INTO imported (source, key, webhook_id) VALUES {} "
+        "ON CONFLICT (source, key) DO NOTHING RETURNING key",
+        [(item.source, k, webhook_id) for k in keys],
+    )
+    took = {r[0] for r in taken}
+    ordered = tuple(k for k in keys if k in took)
+    duplicates = len(item.keys) - len(ordered)
+    if not ordered:
+        return Ingested(None, (), duplicates)
+    conn.execute(
+        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (webhook_id, item.source, item.received_at, item.content_type, item.headers, item.body),
+    )
+    every = len(ordered) == len(item.keys)
+    conn.execute(
+        "INSERT INTO unmapped (webhook_id, keys) VALUES (?, ?)",
+        (webhook_id, None if every else json.dumps(list(ordered))),
+    )
+    return Ingested(webhook_id, ordered, duplicates)
 
 
 def _bind_tokens(conn: sqlite3.Connection, items: list[Incoming]) -> None:

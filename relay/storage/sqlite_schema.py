@@ -140,6 +140,16 @@ MIGRATIONS: list[str] = [
     CREATE INDEX webhooks_received ON webhooks (received_at);
     CREATE INDEX outbox_delivered ON outbox (done_at) WHERE state = 2;
     """,
+    # 5: rows taken by `relay import`, by source and row id, kept for good (not a dedupe
+    # window): importing a file again queues nothing
+    """
+    CREATE TABLE imported (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        webhook_id INTEGER NOT NULL,      -- the stored chunk of rows it came in
+        PRIMARY KEY (source, key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
