@@ -30,6 +30,7 @@ from relay.storage.base import (
     DELIVERED,
     IN_FLIGHT,
     PENDING,
+    Activity,
     Counts,
     DestinationRow,
     Incoming,
@@ -40,6 +41,7 @@ from relay.storage.base import (
     Row,
     Store,
     StoredWebhook,
+    WebhookSummary,
     first_each,
 )
 from relay.storage.postgres_schema import MIGRATIONS, PRUNE_LOCK, current_version, migrate
@@ -543,6 +545,191 @@ class PostgresStore(Store):
                     done.append(row_id)
         return done
 
+    # -- relay import
+
+    async def seen_in(self, source: str, key: str) -> int | None:
+        rows = await self._all(
+            "SELECT webhook_id FROM dedupe WHERE source = %s AND key = %s", (source, key)
+        )
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    async def import_rows(self, item: Incoming) -> Ingested:
+        """A chunk of imported rows: the keys never imported before are taken (one insert
+        that skips the others, RETURNING what it took), and the chunk is stored for the
+        mapper. Keys in order, so two imports sharing keys lock them in the same order."""
+        keys = first_each(item.keys)
+        async with self._tx() as conn:
+            cur = await conn.execute("SELECT nextval(pg_get_serial_sequence('webhooks', 'id'))")
+            row = await cur.fetchone()
+            webhook_id = int(row[0])
+            cur = await conn.execute(
+                "INSERT INTO imported (source, key, webhook_id) "
+                "SELECT %s, k, %s FROM unnest(%s::text[]) AS t (k) ORDER BY k "
+                "ON CONFLICT (source, key) DO NOTHING RETURNING key",
+                (item.source, webhook_id, sorted(keys)),
+            )
+            took = {r[0] for r in await cur.fetchall()}
+            ordered = tuple(k for k in keys if k in took)
+            duplicates = len(item.keys) - len(ordered)
+            if not ordered:
+                return Ingested(None, (), duplicates)
+            await conn.execute(
+                "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
+                "VALUES (%s, %s, %s, %s, %s, %s)",
+                (
+                    webhook_id,
+                    item.source,
+                    item.received_at,
+                    item.content_type,
+                    item.headers,
+                    item.body,
+                ),
+            )
+            every = len(ordered) == len(item.keys)
+            await conn.execute(
+                "INSERT INTO unmapped (webhook_id, keys) VALUES (%s, %s)",
+                (webhook_id, None if every else json.dumps(list(ordered))),
+            )
+        return Ingested(webhook_id, ordered, duplicates)
+
+    # -- the console
+
+    async def _summaries(self, rows: list[tuple[Any, ...]]) -> list[WebhookSummary]:
+        """The webhooks of one page with their outbox rows' states and types."""
+        ids = [int(r[0]) for r in rows]
+        if not ids:
+            return []
+        states: dict[int, dict[int, int]] = {}
+        types: dict[int, dict[str, None]] = {}
+        for wid, state, etype, n in await self._all(
+            "SELECT webhook_id, state, event_type, count(*) FROM outbox "
+            "WHERE webhook_id = ANY(%s) GROUP BY webhook_id, state, event_type",
+            (ids,),
+        ):
+            per = states.setdefault(wid, {})
+            per[state] = per.get(state, 0) + int(n)
+            if etype is not None:
+                types.setdefault(wid, {})[etype] = None
+        waiting = {
+            r[0]
+            for r in await self._all(
+                "SELECT webhook_id FROM unmapped WHERE webhook_id = ANY(%s)", (ids,)
+            )
+        }
+        return [
+            WebhookSummary(
+                _stored(r), states.get(r[0], {}), tuple(types.get(r[0], {})), r[0] in waiting
+            )
+            for r in rows
+        ]
+
+    async def webhook_page(
+        self,
+        before: int | None,
+        limit: int,
+        source: str | None = None,
+        outcome: str | None = None,
+        event_type: str | None = None,
+        after: int | None = None,
+    ) -> list[WebhookSummary]:
+        where = ["w.id < %s", "w.id > %s"]
+        params: list[Any] = [_NO_ID if before is None else before, 0 if after is None else after]
+        if source is not None:
+            where.append("w.source = %s")
+            params.append(source)
+        if outcome is not None:
+            where.append(_OUTCOME_SQL[outcome])
+        if event_type is not None:
+            where.append(_HAS_ROWS.format(" AND o.event_type = %s"))
+            params.append(event_type)
+        rows = await self._all(
+            f"{_WEBHOOK} WHERE {' AND '.join(where)} ORDER BY w.id DESC LIMIT %s",
+            (*params, limit),
+        )
+        return await self._summaries(rows)
+
+    async def search_webhooks(
+        self, text: str, sources: Sequence[str], before: int | None, limit: int
+    ) -> list[WebhookSummary]:
+        top = _NO_ID if before is None else before
+        rows: list[tuple[Any, ...]] = []
+        if sources:
+            rows = await self._all(
+                f"{_WEBHOOK} WHERE w.id < %s AND w.id IN (SELECT webhook_id FROM dedupe "
+                "WHERE key = %s AND source = ANY(%s)) ORDER BY w.id DESC LIMIT %s",
+                (top, text, list(sources), limit),
+            )
+        if not rows:
+            rows = await self._all(*_body_search(text, top, limit))
+        return await self._summaries(rows)
+
+    async def webhook_outbox(self, webhook_id: int) -> list[OutboxEntry]:
+        rows = await self._all(_ENTRY + "WHERE o.webhook_id = %s ORDER BY o.id", (webhook_id,))
+        return [OutboxEntry(*r) for r in rows]
+
+    async def event_owners(self, source: str, keys: Sequence[str]) -> dict[str, int | None]:
+        rows = await self._all(
+            "SELECT key, webhook_id FROM dedupe WHERE source = %s AND key = ANY(%s)",
+            (source, list(keys)),
+        )
+        return {k: w for k, w in rows}
+
+    async def activity(self, since: float, step: float, now: float) -> Activity:
+        received = {
+            int(b): int(n)
+            for b, n in await self._all(
+                "SELECT floor((received_at - %s) / %s) AS b, count(*) FROM webhooks "
+                "WHERE received_at >= %s AND received_at <= %s GROUP BY b",
+                (since, step, since, now),
+            )
+        }
+        delivered = {
+            int(b): int(n)
+            for b, n in await self._all(
+                "SELECT floor((done_at - %s) / %s) AS b, count(*) FROM outbox "
+                "WHERE state = %s AND done_at >= %s AND done_at <= %s GROUP BY b",
+                (since, step, DELIVERED, since, now),
+            )
+        }
+        return Activity(received, delivered)
+
+    async def rule_counts(self, since: float) -> dict[tuple[str, int | None], int]:
+        rows = await self._all(
+            "SELECT w.source, o.rule, count(*) FROM webhooks w "
+            "JOIN outbox o ON o.webhook_id = w.id WHERE w.received_at >= %s "
+            "GROUP BY w.source, o.rule",
+            (since,),
+        )
+        return {(source, rule): int(n) for source, rule, n in rows}
+
+    async def dead_letter_page(
+        self, before: int | None, limit: int, source: str | None = None
+    ) -> list[OutboxEntry]:
+        top = _NO_ID if before is None else before
+        if source is None:
+            rows = await self._all(
+                _ENTRY + "WHERE o.state = %s AND o.id < %s ORDER BY o.id DESC LIMIT %s",
+                (DEAD, top, limit),
+            )
+        else:
+            rows = await self._all(
+                _ENTRY + "WHERE o.state = %s AND o.id < %s AND w.source = %s "
+                "ORDER BY o.id DESC LIMIT %s",
+                (DEAD, top, source, limit),
+            )
+        return [OutboxEntry(*r) for r in rows]
+
+    async def dead_letter_ids(self, source: str | None = None) -> list[int]:
+        if source is None:
+            rows = await self._all("SELECT id FROM outbox WHERE state = %s ORDER BY id", (DEAD,))
+        else:
+            rows = await self._all(
+                "SELECT o.id FROM outbox o JOIN webhooks w ON w.id = o.webhook_id "
+                "WHERE o.state = %s AND w.source = %s ORDER BY o.id",
+                (DEAD, source),
+            )
+        return [int(r[0]) for r in rows]
+
     async def check_writable(self, need: int) -> str | None:
         """A real write, briefly: a database that cannot take one now is not ready."""
         try:
@@ -677,6 +864,36 @@ _ENTRY = (
     "o.body, o.state, o.attempts, o.last_error, o.track_id, o.created_at, o.done_at "
     "FROM outbox o LEFT JOIN webhooks w ON w.id = o.webhook_id "
 )
+
+
+_NO_ID = 1 << 62  # `before` when none is given: past every id
+_WEBHOOK = (
+    "SELECT w.id, w.source, w.received_at, w.content_type, w.headers, w.body, NULL FROM webhooks w"
+)
+_HAS_ROWS = "EXISTS (SELECT 1 FROM outbox o WHERE o.webhook_id = w.id{})"
+_OUTCOME_SQL = {
+    "dead": _HAS_ROWS.format(f" AND o.state = {DEAD}"),
+    "pending": f"(EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id) OR "
+    f"{_HAS_ROWS.format(f' AND o.state IN ({PENDING}, {IN_FLIGHT})')}) AND NOT "
+    f"{_HAS_ROWS.format(f' AND o.state = {DEAD}')}",
+    "delivered": f"{_HAS_ROWS.format('')} AND NOT "
+    f"{_HAS_ROWS.format(f' AND o.state <> {DELIVERED}')}"
+    " AND NOT EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id)",
+    "ignored": f"NOT {_HAS_ROWS.format('')} "
+    "AND NOT EXISTS (SELECT 1 FROM unmapped u WHERE u.webhook_id = w.id)",
+}
+
+
+def _body_search(text: str, top: int, limit: int) -> tuple[str, tuple[Any, ...]]:
+    """Webhooks whose body holds `text`: case-insensitive for ASCII text, as SQLite's LIKE;
+    other text is looked for as its UTF-8 bytes. Bodies that are not UTF-8 never fail it."""
+    order = " ORDER BY w.id DESC LIMIT %s"
+    if text.isascii() and "\\" not in text:
+        pattern = "%" + text.replace("%", "\\%").replace("_", "\\_") + "%"
+        sql = f"{_WEBHOOK} WHERE w.id < %s AND encode(w.body, 'escape') ILIKE %s ESCAPE '\\'"
+        return sql + order, (top, pattern, limit)
+    sql = f"{_WEBHOOK} WHERE w.id < %s AND position(%s::bytea in w.body) > 0"
+    return sql + order, (top, text.encode(), limit)
 
 
 def _stored(r: tuple[Any, ...]) -> StoredWebhook:

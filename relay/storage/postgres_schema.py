@@ -96,6 +96,19 @@ MIGRATIONS: list[str] = [
         value TEXT
     );
     """,
+    # 2: the console's reads (webhooks by source and by time, deliveries by time) and the rows
+    # taken by `relay import`, kept for good
+    """
+    CREATE INDEX webhooks_source ON webhooks (source, id);
+    CREATE INDEX webhooks_received ON webhooks (received_at);
+    CREATE INDEX outbox_delivered ON outbox (done_at) WHERE state = 2;
+    CREATE TABLE imported (
+        source TEXT NOT NULL,
+        key TEXT NOT NULL,
+        webhook_id BIGINT NOT NULL,
+        PRIMARY KEY (source, key)
+    );
+    """,
 ]
 
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS relay_schema (version INTEGER NOT NULL)"
