@@ -20,6 +20,7 @@ import collections.abc as cabc
 import fnmatch
 import json
 import re
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from relay.errors import ConfigError
 from relay.examples import Example, parse_examples
 from relay.filters import FILTERS, FilterError
 from relay.fitting import MAX_NAME, MAX_PAYLOAD_KEYS, MAX_URL, MAX_VALUE, TrackEvent, fit, is_uuid
-from relay.providers.base import CREDENTIAL_HEADERS, ProviderEvent
+from relay.providers.base import CREDENTIAL_HEADERS, ProviderEvent, WebhookRequest
 from relay.tomllines import KeyLines
 
 if TYPE_CHECKING:
@@ -321,6 +322,18 @@ class Mapping:
                 elif f.key != "visitor_id" and len(f.source) > MAX_URL:
                     problem(f"{at}.{f.key}", f"is longer than {MAX_URL} characters")
         return problems
+
+
+def try_body(
+    mapping: Mapping, provider: Any, source: str, headers: dict[str, str], body: bytes
+) -> list[tuple[ProviderEvent, MapResult]]:
+    """What `mapping` makes of a webhook body, event by event, nothing verified, stored or
+    sent (`relay map` and the console's playground). Raises WebhookError when `provider`
+    cannot read the body."""
+    request = WebhookRequest(
+        "POST", f"http://localhost/webhooks/{source}", headers, body, time.time()
+    )
+    return [(ev, mapping.apply(ev, source, headers)) for ev in provider.parse(request)]
 
 
 def load_mappings(

@@ -100,12 +100,10 @@ def map_command(
 ) -> None:
     """Show the events SOURCE's mapping makes from a webhook body (nothing verified or sent)."""
     import json
-    import time
     from pathlib import Path
 
     from relay.errors import WebhookError
-    from relay.mapping import load_mapping
-    from relay.providers.base import WebhookRequest
+    from relay.mapping import load_mapping, try_body
 
     config = load(config_file, dev_fallback=True)
     src = source_named(config, source)
@@ -140,16 +138,13 @@ def map_command(
             content_type = "application/x-www-form-urlencoded" if form else "application/json"
         if content_type:
             headers["content-type"] = content_type
-    url = f"http://localhost/webhooks/{source}"
-    request = WebhookRequest("POST", url, headers, body, time.time())
+    mapping = load_mapping(src.mapping)
     try:
-        events = src.provider.parse(request)
+        mapped = try_body(mapping, src.provider, source, headers, body)
     except WebhookError as e:
         fail(f"the {src.provider.kind} provider cannot read this body: {e.reason}")
-    mapping = load_mapping(src.mapping)
     out = []
-    for ev in events:
-        result = mapping.apply(ev, source, headers)
+    for ev, result in mapped:
         out.append(
             {
                 "event": ev.key,

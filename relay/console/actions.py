@@ -13,8 +13,7 @@ from starlette.responses import RedirectResponse, Response
 
 from relay import deadletters
 from relay.errors import ConfigError, WebhookError
-from relay.mapping import Mapping, load_mappings
-from relay.providers.base import WebhookRequest
+from relay.mapping import Mapping, load_mappings, try_body
 from relay.storage import DEAD, Queued
 
 if TYPE_CHECKING:
@@ -293,22 +292,18 @@ async def _try(
             return {"error": f"the body is over {MAX_PASTED} bytes", "events": []}
         body = pasted.replace("\r\n", "\n").encode()
         headers["content-type"] = content_type
-    request = WebhookRequest(
-        "POST", f"http://localhost/webhooks/{name}", headers, body, time.time()
-    )
+    mapping = _mappings(console).get(name)
+    if mapping is None:
+        return {"error": f"the mapping of {name} cannot be loaded", "events": []}
     try:
-        events = source.provider.parse(request)
+        mapped = try_body(mapping, source.provider, name, headers, body)
     except WebhookError as e:
         return {
             "error": f"the {source.provider.kind} provider cannot read this body: {e.reason}",
             "events": [],
         }
-    mapping = _mappings(console).get(name)
-    if mapping is None:
-        return {"error": f"the mapping of {name} cannot be loaded", "events": []}
     out = []
-    for ev in events:
-        result = mapping.apply(ev, name, headers)
+    for ev, result in mapped:
         out.append(
             {
                 "event": ev.key,

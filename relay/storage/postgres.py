@@ -257,28 +257,7 @@ class PostgresStore(Store):
                 (item.source, item.received_at, webhook_id, ordered_keys, item.dedupe_window),
             )
             taken = {r[0] for r in await cur.fetchall()}
-            ordered = tuple(k for k in keys if k in taken)
-            duplicates = len(item.keys) - len(ordered)
-            if not ordered:
-                return Ingested(None, (), duplicates)
-            await conn.execute(
-                "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                (
-                    webhook_id,
-                    item.source,
-                    item.received_at,
-                    item.content_type,
-                    item.headers,
-                    item.body,
-                ),
-            )
-            every = len(ordered) == len(item.keys)
-            await conn.execute(
-                "INSERT INTO unmapped (webhook_id, keys) VALUES (%s, %s)",
-                (webhook_id, None if every else json.dumps(list(ordered))),
-            )
-        return Ingested(webhook_id, ordered, duplicates)
+            return await _keep(conn, item, webhook_id, keys, taken)
 
     # -- the mapper
 
@@ -569,28 +548,7 @@ class PostgresStore(Store):
                 (item.source, webhook_id, sorted(keys)),
             )
             took = {r[0] for r in await cur.fetchall()}
-            ordered = tuple(k for k in keys if k in took)
-            duplicates = len(item.keys) - len(ordered)
-            if not ordered:
-                return Ingested(None, (), duplicates)
-            await conn.execute(
-                "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
-                "VALUES (%s, %s, %s, %s, %s, %s)",
-                (
-                    webhook_id,
-                    item.source,
-                    item.received_at,
-                    item.content_type,
-                    item.headers,
-                    item.body,
-                ),
-            )
-            every = len(ordered) == len(item.keys)
-            await conn.execute(
-                "INSERT INTO unmapped (webhook_id, keys) VALUES (%s, %s)",
-                (webhook_id, None if every else json.dumps(list(ordered))),
-            )
-        return Ingested(webhook_id, ordered, duplicates)
+            return await _keep(conn, item, webhook_id, keys, took)
 
     # -- the console
 
@@ -894,6 +852,28 @@ def _body_search(text: str, top: int, limit: int) -> tuple[str, tuple[Any, ...]]
         return sql + order, (top, pattern, limit)
     sql = f"{_WEBHOOK} WHERE w.id < %s AND position(%s::bytea in w.body) > 0"
     return sql + order, (top, text.encode(), limit)
+
+
+async def _keep(
+    conn: Any, item: Incoming, webhook_id: int, keys: Sequence[str], taken: set[str]
+) -> Ingested:
+    """The webhook stored for the mapper when any of its keys was `taken` (new), in the
+    transaction that took them; the others were duplicates."""
+    ordered = tuple(k for k in keys if k in taken)
+    duplicates = len(item.keys) - len(ordered)
+    if not ordered:
+        return Ingested(None, (), duplicates)
+    await conn.execute(
+        "INSERT INTO webhooks (id, source, received_at, content_type, headers, body) "
+        "VALUES (%s, %s, %s, %s, %s, %s)",
+        (webhook_id, item.source, item.received_at, item.content_type, item.headers, item.body),
+    )
+    every = len(ordered) == len(item.keys)
+    await conn.execute(
+        "INSERT INTO unmapped (webhook_id, keys) VALUES (%s, %s)",
+        (webhook_id, None if every else json.dumps(list(ordered))),
+    )
+    return Ingested(webhook_id, ordered, duplicates)
 
 
 def _stored(r: tuple[Any, ...]) -> StoredWebhook:
